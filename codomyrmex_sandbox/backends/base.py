@@ -1,0 +1,133 @@
+"""What every backend implements, and the evidence-to-status rules they all share."""
+
+from __future__ import annotations
+
+import signal as _signal
+from dataclasses import dataclass
+from typing import Protocol
+
+from codomyrmex_sandbox.models import ExecutionResult, Limits, Status
+from codomyrmex_sandbox.output import OutputCallback, OutputCollector
+from codomyrmex_sandbox.runtimes import RuntimeSpec
+
+HEADER_MAGIC = "CODOMYRMEX1"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One execution as a backend sees it: validated payload, effective limits, a runtime."""
+
+    execution_id: str
+    runtime: RuntimeSpec
+    code: bytes
+    stdin: bytes | None
+    limits: Limits
+    on_output: OutputCallback | None = None
+
+
+@dataclass(frozen=True)
+class RuntimeStatus:
+    """Whether a runtime can run here, and its version string (e.g. "python 3.11.2")."""
+
+    name: str
+    ready: bool
+    version: str | None
+    detail: str
+
+
+class Backend(Protocol):
+    """An isolation engine. Opened once (connect, check images, sweep orphans), closed once.
+
+    ``execute`` returns a result for every program that ran, whatever its status, and raises a
+    `SandboxError` for a call that could not run. When the calling task is cancelled, the
+    sandbox is killed and removed before the cancellation propagates.
+    """
+
+    name: str
+
+    async def open(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+    async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus: ...
+
+    async def execute(self, job: Job) -> ExecutionResult: ...
+
+
+def runner_header(nonce: str, code: bytes) -> bytes:
+    """The first line the in-sandbox runner reads: magic, nonce, code length."""
+    return f"{HEADER_MAGIC} {nonce} {len(code)}\n".encode("ascii")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What the engine and the host observed about how a sandbox ended."""
+
+    exit_code: int | None
+    oom_killed: bool = False
+    timed_out: bool = False
+    output_capped: bool = False
+    cancelled: bool = False
+
+
+def decide(  # noqa: PLR0911 - one return per rule reads best
+    evidence: Evidence, reported_exit: int | None
+) -> tuple[Status, int | None, str | None]:
+    """Status, exit code and signal from evidence; an exit code alone never proves a signal or an OOM.
+
+    The order matters: a kill the host ordered (cancel, output cap, deadline) explains the end
+    before anything else; then the engine's OOM record; then how the program ended.
+    ``reported_exit`` is the status the in-sandbox runner reported for a deliberate exit: it tells
+    ``sys.exit(137)`` apart from a SIGKILL, which both end with 137.
+    """
+    host_kill = "SIGKILL"
+    if evidence.cancelled:
+        return Status.CANCELLED, None, host_kill
+    if evidence.output_capped:
+        return Status.OUTPUT_LIMIT, None, host_kill
+    if evidence.timed_out:
+        return Status.TIMEOUT, None, host_kill
+    code = evidence.exit_code
+    if evidence.oom_killed:
+        return Status.MEMORY_LIMIT, None, _signal_name(code) or host_kill
+    if code is None:
+        return Status.KILLED, None, None
+    if reported_exit is None or reported_exit != code:
+        name = _signal_name(code)
+        if name is not None:
+            return Status.KILLED, None, name
+    return (Status.SUCCESS if code == 0 else Status.ERROR), code, None
+
+
+def _signal_name(code: int | None) -> str | None:
+    """The signal an init process reports as 128+N, when N is a real signal."""
+    if code is None or not 128 < code <= 128 + 64:  # noqa: PLR2004 - shells' 128+N convention
+        return None
+    try:
+        return _signal.Signals(code - 128).name
+    except ValueError:
+        return f"SIG{code - 128}"
+
+
+def build_result(
+    job: Job,
+    collector: OutputCollector,
+    evidence: Evidence,
+    duration_ms: float,
+    runtime_version: str,
+) -> ExecutionResult:
+    status, exit_code, signal = decide(evidence, collector.reported_exit())
+    return ExecutionResult(
+        execution_id=job.execution_id,
+        status=status,
+        exit_code=exit_code,
+        signal=signal,
+        stdout=collector.text("stdout"),
+        stderr=collector.text("stderr"),
+        stdout_truncated=collector.truncated("stdout"),
+        stderr_truncated=collector.truncated("stderr"),
+        return_value=collector.return_value() if status is Status.SUCCESS else None,
+        duration_ms=round(duration_ms, 3),
+        language=job.runtime.name,
+        runtime=runtime_version,
+    )

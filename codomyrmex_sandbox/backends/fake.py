@@ -1,0 +1,140 @@
+"""An in-memory backend for tests of everything above the backend (like httpx's MockTransport).
+
+Nothing is isolated here: a *handler* you supply plays the program. It can write output, sleep,
+report a return value or an out-of-memory kill, and returns its exit code. The fake applies the
+same deadline, output cap and status rules as the real backends, so the service, the MCP adapter
+and the CLI can be tested without an engine::
+
+    async def handler(run: FakeRun) -> int:
+        await run.write("hello\\n")
+        return 0
+
+    async with Sandbox(settings, backend=FakeBackend(handler)) as sandbox:
+        result = await sandbox.execute("print('hello')")
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import anyio
+
+from codomyrmex_sandbox.backends.base import Evidence, Job, RuntimeStatus, build_result
+from codomyrmex_sandbox.errors import RuntimeUnavailableError
+from codomyrmex_sandbox.models import ExecutionResult
+from codomyrmex_sandbox.output import OutputCollector, StreamName
+from codomyrmex_sandbox.runtimes import RuntimeSpec
+
+_NONCE = "fake"
+
+
+@dataclass
+class FakeRun:
+    """What a handler sees of one execution, and how it plays the program."""
+
+    job: Job
+    _collector: OutputCollector
+    _capped: anyio.Event = field(default_factory=anyio.Event)
+    return_value: str | None = None
+    oom_killed: bool = False
+    signal_exit: int | None = None
+
+    @property
+    def code(self) -> str:
+        return self.job.code.decode("utf-8")
+
+    @property
+    def stdin(self) -> str | None:
+        return None if self.job.stdin is None else self.job.stdin.decode("utf-8")
+
+    async def write(self, text: str | bytes, stream: StreamName = "stdout") -> None:
+        """Emit output, as the program would; past the cap the run is stopped, as a kill would."""
+        await self._collector.feed(stream, text.encode("utf-8") if isinstance(text, str) else text)
+        if self._collector.over_cap:
+            self._capped.set()
+            await anyio.sleep_forever()
+
+
+FakeHandler = Callable[[FakeRun], Awaitable[int]]
+
+
+async def echo_stdin(run: FakeRun) -> int:
+    """The default handler: copies stdin to stdout and exits 0."""
+    if run.stdin:
+        await run.write(run.stdin)
+    return 0
+
+
+class FakeBackend:
+    """A backend whose programs are played by a handler. ``jobs`` records every job it received."""
+
+    name = "fake"
+
+    def __init__(self, handler: FakeHandler = echo_stdin, *, missing: frozenset[str] = frozenset()) -> None:
+        self._handler = handler
+        self._missing = missing
+        self.jobs: list[Job] = []
+        self.running = 0
+        self.opened = False
+        self.closed = False
+
+    async def open(self) -> None:
+        self.opened = True
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus:
+        if runtime.name in self._missing:
+            return RuntimeStatus(runtime.name, ready=False, version=None, detail="missing (fake)")
+        return RuntimeStatus(runtime.name, ready=True, version=f"{runtime.name} (fake)", detail="fake")
+
+    async def execute(self, job: Job) -> ExecutionResult:
+        if job.runtime.name in self._missing:
+            raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
+        self.jobs.append(job)
+        collector = OutputCollector(job.limits.output_bytes, _NONCE, job.on_output)
+        run = FakeRun(job, collector)
+        started = time.monotonic()
+        exit_code: int | None = None
+        self.running += 1
+        try:
+            with anyio.move_on_after(job.limits.timeout_seconds) as deadline:
+                async with anyio.create_task_group() as tg:
+
+                    async def play() -> None:
+                        nonlocal exit_code
+                        exit_code = await self._handler(run)
+                        tg.cancel_scope.cancel()
+
+                    async def watch_cap() -> None:
+                        await run._capped.wait()  # noqa: SLF001 - same module
+                        tg.cancel_scope.cancel()
+
+                    tg.start_soon(play)
+                    tg.start_soon(watch_cap)
+        finally:
+            self.running -= 1
+        await collector.finish()
+        if run.signal_exit is not None:
+            exit_code = 128 + run.signal_exit
+        if run.return_value is not None and exit_code == 0:
+            collector.trailers["rv"] = _b64(run.return_value)
+        if exit_code is not None and run.signal_exit is None:
+            collector.trailers["exit"] = str(exit_code).encode()
+        evidence = Evidence(
+            exit_code=exit_code if exit_code is not None else 137,
+            oom_killed=run.oom_killed,
+            timed_out=deadline.cancelled_caught,
+            output_capped=collector.over_cap,
+        )
+        version = f"{job.runtime.name} (fake)"
+        return build_result(job, collector, evidence, (time.monotonic() - started) * 1000, version)
+
+
+def _b64(text: str) -> bytes:
+    import base64  # noqa: PLC0415 - only the fake needs it
+
+    return base64.b64encode(text.encode("utf-8"))

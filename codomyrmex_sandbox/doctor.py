@@ -1,0 +1,109 @@
+"""`codomyrmex-sandbox doctor`: is this host ready, and what exactly fixes what is not."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any, TextIO
+
+import anyio.to_thread
+
+from codomyrmex_sandbox import __version__
+from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.service import Sandbox
+from codomyrmex_sandbox.settings import Settings
+
+FIX_IMAGES = "codomyrmex-sandbox runtimes build"
+
+
+async def doctor(settings: Settings, out: TextIO) -> int:
+    """Print a report; exit status 0 when every check passed, 1 otherwise."""
+
+    def line(text: str = "") -> None:
+        out.write(text + "\n")
+
+    line(f"codomyrmex-sandbox {__version__}")
+    for package in ("mcp", "docker", "pydantic", "anyio", "structlog"):
+        line(f"  {package} {_version_of(package)}")
+    line()
+    line(f"backend: {settings.backend}")
+    problems: list[str] = []
+    if settings.backend == "docker":
+        problems += await anyio.to_thread.run_sync(_check_engine, settings, line)
+    line()
+    problems += await _check_runtimes(settings, line)
+    line()
+    _print_policy(settings, line)
+    line()
+    if problems:
+        line("problems:")
+        for problem in dict.fromkeys(problems):
+            line(f"  - {problem}")
+        return 1
+    line("all checks passed")
+    return 0
+
+
+async def _check_runtimes(settings: Settings, line: Callable[[str], None]) -> list[str]:
+    try:
+        sandbox = Sandbox(settings)
+    except SandboxError as exc:
+        line(f"runtimes: FAIL {exc}")
+        return [str(exc)]
+    problems = []
+    async with sandbox:
+        line("runtimes:")
+        for status in await sandbox.runtime_status():
+            mark = "ok  " if status.ready else "FAIL"
+            line(f"  {mark} {status.name}: {status.version or '-'} ({status.detail})")
+            if not status.ready:
+                problems.append(f"runtime {status.name} is not ready; fix: {FIX_IMAGES}")
+    return problems
+
+
+def _print_policy(settings: Settings, line: Callable[[str], None]) -> None:
+    line("effective policy (caps a call can never exceed):")
+    policy: dict[str, Any] = settings.model_dump(mode="json", exclude={"docker_host"})
+    for key, value in policy.items():
+        line(f"  {key} = {json.dumps(value)}")
+    if settings.oci_runtime is None:
+        line('  note: sandboxes share the host kernel (runc); set oci_runtime = "runsc" where gVisor is installed')
+
+
+def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
+    from codomyrmex_sandbox.backends.docker import connect  # noqa: PLC0415 - docker-py only when needed
+
+    try:
+        client = connect(settings)
+    except SandboxError as exc:
+        line(f"  engine: FAIL {exc}")
+        fix = (
+            "sudo apt-get install docker.io && sudo dockerd &" if shutil.which("dockerd") is None else "sudo dockerd &"
+        )
+        return [f"the Docker engine is not reachable; fix: {fix}"]
+    try:
+        info = client.info()
+        version = client.version()
+    finally:
+        client.close()
+    runtimes = sorted((info.get("Runtimes") or {}).keys())
+    line(f"  engine: ok  Docker {version.get('Version')} (API {version.get('ApiVersion')})")
+    line(f"  kernel {info.get('KernelVersion')}, cgroup v{info.get('CgroupVersion', '?')}, {info.get('Driver')}")
+    line(f"  OCI runtimes: {', '.join(runtimes)}; security: {', '.join(info.get('SecurityOptions') or [])}")
+    problems = []
+    if settings.oci_runtime is not None and settings.oci_runtime not in runtimes:
+        line(f"  FAIL oci_runtime {settings.oci_runtime!r} is not installed in the engine")
+        problems.append(
+            f"oci_runtime {settings.oci_runtime!r} is not known to the engine; install it or unset "
+            "CODOMYRMEX_SANDBOX_OCI_RUNTIME"
+        )
+    return problems
+
+
+def _version_of(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"

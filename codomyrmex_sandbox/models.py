@@ -1,0 +1,111 @@
+"""The data that crosses the public API: requests, effective limits, results."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from codomyrmex_sandbox.errors import InvalidRequestError
+
+MIB = 1024 * 1024
+
+
+class Status(StrEnum):
+    """How an execution ended; each value is decided from evidence (see MCP_TOOL_SPECIFICATION.md)."""
+
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    MEMORY_LIMIT = "memory_limit"
+    OUTPUT_LIMIT = "output_limit"
+    KILLED = "killed"
+    CANCELLED = "cancelled"
+
+
+class ExecutionRequest(BaseModel):
+    """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    code: str
+    language: str = "python"
+    stdin: str | None = None
+    timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
+    memory_mb: Annotated[int, Field(ge=16)] | None = None
+
+
+class Limits(BaseModel):
+    """The effective limits of one execution, after the request was resolved against the policy."""
+
+    model_config = ConfigDict(frozen=True)
+
+    timeout_seconds: float
+    memory_mb: int
+    cpus: float
+    pids: int
+    open_files: int
+    file_size_mb: int
+    scratch_mb: int
+    output_bytes: int
+    network: str = "none"
+
+
+class ExecutionResult(BaseModel):
+    """The outcome of a program that ran. Field names are part of the tool contract."""
+
+    model_config = ConfigDict(frozen=True)
+
+    execution_id: str = Field(description="Unique id; the same id appears in the audit log.")
+    status: Status = Field(description="How the execution ended, decided from evidence.")
+    exit_code: int | None = Field(description="The program's exit code when it exited by itself, else null.")
+    signal: str | None = Field(description='The signal that killed the program, e.g. "SIGKILL", else null.')
+    stdout: str = Field(description="Standard output, decoded as UTF-8 with replacement, up to the cap.")
+    stderr: str = Field(description="Standard error, decoded as UTF-8 with replacement, up to the cap.")
+    stdout_truncated: bool = Field(description="True when stdout passed the output cap.")
+    stderr_truncated: bool = Field(description="True when stderr passed the output cap.")
+    return_value: str | None = Field(
+        description="Python: repr() of the value of a final expression statement; null otherwise."
+    )
+    duration_ms: float = Field(description="Wall time of the program itself, start to exit, in milliseconds.")
+    language: str = Field(description='The language that ran, e.g. "python".')
+    runtime: str = Field(description='The runtime and its version, e.g. "python 3.11.2".')
+
+    def render_text(self) -> str:
+        """A short human-readable rendering: status line, then stdout, then stderr."""
+        head = f"status: {self.status.value}"
+        if self.exit_code is not None:
+            head += f" (exit code {self.exit_code})"
+        if self.signal is not None:
+            head += f" (signal {self.signal})"
+        head += f" in {self.duration_ms:.0f} ms, {self.runtime}"
+        parts = [head]
+        if self.return_value is not None:
+            parts.append(f"return value: {self.return_value}")
+        for name, text, cut in (
+            ("stdout", self.stdout, self.stdout_truncated),
+            ("stderr", self.stderr, self.stderr_truncated),
+        ):
+            if text or cut:
+                parts.append(f"--- {name}{' (truncated)' if cut else ''} ---\n{text}")
+        return "\n".join(parts)
+
+
+def request_from_arguments(arguments: Mapping[str, Any]) -> ExecutionRequest:
+    """Validate tool or API arguments; raises InvalidRequestError naming each wrong argument."""
+    try:
+        return ExecutionRequest.model_validate(dict(arguments))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in err["loc"]) or "arguments"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown argument {where!r} (accepted: {', '.join(_ACCEPTED)})")
+            else:
+                problems.append(f"{where}: {err['msg']}")
+        raise InvalidRequestError("invalid arguments: " + "; ".join(problems) + ".") from exc
+
+
+_ACCEPTED = ("code", "language", "stdin", "timeout_seconds", "memory_mb")

@@ -1,0 +1,238 @@
+"""The MCP adapter: the `execute_code` tool over any MCP transport.
+
+It knows nothing about Docker: it turns tool arguments into a request for the `Sandbox`
+service, progress tokens into streamed output, and results or errors into MCP results. A program
+that ran is a normal result whatever its status; a call that never ran is ``isError: true`` with a
+message that says what to do.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import anyio
+import mcp_types as types
+import structlog
+from mcp.server.context import ServerRequestContext
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from mcp.shared.exceptions import MCPError
+
+from codomyrmex_sandbox import __version__
+from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.models import ExecutionResult, request_from_arguments
+from codomyrmex_sandbox.output import StreamName
+from codomyrmex_sandbox.service import Sandbox
+
+log = structlog.get_logger("codomyrmex_sandbox.server")
+
+TOOL_NAME = "execute_code"
+STREAM_INTERVAL_SECONDS = 0.1
+STREAM_MESSAGE_CHARS = 16_384
+STREAM_BACKLOG_CHARS = 65_536
+
+
+def input_schema(sandbox: Sandbox) -> dict[str, Any]:
+    """The tool's input schema, with the operator's caps as bounds so clients see them up front."""
+    settings = sandbox.settings
+    return {
+        "type": "object",
+        "properties": {
+            "code": {
+                "type": "string",
+                "description": f"The program to run, UTF-8 source of at most {settings.max_code_bytes} bytes.",
+                "minLength": 1,
+                "maxLength": settings.max_code_bytes,
+            },
+            "language": {
+                "type": "string",
+                "enum": sandbox.languages,
+                "default": "python",
+                "description": "The runtime to run the code in.",
+            },
+            "stdin": {
+                "type": ["string", "null"],
+                "default": None,
+                "maxLength": settings.max_stdin_bytes,
+                "description": "Text for the program's standard input; without it the program reads EOF.",
+            },
+            "timeout_seconds": {
+                "type": ["number", "null"],
+                "default": None,
+                "exclusiveMinimum": 0,
+                "maximum": settings.max_timeout_seconds,
+                "description": f"Wall-clock limit; default {settings.default_timeout_seconds:g} s.",
+            },
+            "memory_mb": {
+                "type": ["integer", "null"],
+                "default": None,
+                "minimum": 16,
+                "maximum": settings.max_memory_mb,
+                "description": f"Memory limit, swap included; default {settings.default_memory_mb} MiB.",
+            },
+        },
+        "required": ["code"],
+        "additionalProperties": False,
+    }
+
+
+def tool_description(sandbox: Sandbox) -> str:
+    settings = sandbox.settings
+    network = "no network access" if settings.network == "none" else f"network: {settings.network}"
+    return (
+        "Run code in a fresh, isolated sandbox and return its output. Each call starts from a clean "
+        "machine: nothing persists between calls, there is no access to the host's files, and "
+        f"{network}. Languages: {', '.join(sandbox.languages)}. Python returns the repr of a final "
+        "expression as return_value and has numpy, pandas and matplotlib (Agg). Read `status` "
+        "(success, error, timeout, memory_limit, output_limit, killed, cancelled) to see how it ended."
+    )
+
+
+def build_tool(sandbox: Sandbox) -> types.Tool:
+    return types.Tool(
+        name=TOOL_NAME,
+        title="Execute code in a sandbox",
+        description=tool_description(sandbox),
+        input_schema=input_schema(sandbox),
+        output_schema=ExecutionResult.model_json_schema(mode="serialization"),
+        annotations=types.ToolAnnotations(
+            title="Execute code in a sandbox",
+            read_only_hint=False,
+            destructive_hint=False,
+            idempotent_hint=False,
+            open_world_hint=sandbox.settings.network != "none",
+        ),
+    )
+
+
+def build_server(sandbox: Sandbox) -> Server[Any]:
+    """An MCP server offering `execute_code` over ``sandbox``, which the caller opens and closes."""
+    tool = build_tool(sandbox)
+
+    async def list_tools(
+        _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
+    ) -> types.ListToolsResult:
+        return types.ListToolsResult(tools=[tool])
+
+    async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
+        if params.name != TOOL_NAME:
+            raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}; use {TOOL_NAME}")
+        return await _call_execute(sandbox, ctx, params.arguments or {})
+
+    return Server(
+        "codomyrmex-sandbox",
+        version=__version__,
+        instructions=tool_description(sandbox),
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+    )
+
+
+async def _call_execute(
+    sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any]
+) -> types.CallToolResult:
+    client = _client_name(ctx)
+    token = (ctx.meta or {}).get("progress_token")
+    try:
+        request = request_from_arguments(arguments)
+        if token is None:
+            result = await sandbox.execute_request(request, client=client)
+        else:
+            streamer = _ProgressStreamer(ctx, request.timeout_seconds or sandbox.settings.default_timeout_seconds)
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(streamer.run)
+                try:
+                    result = await sandbox.execute_request(request, on_output=streamer.add, client=client)
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await streamer.close()
+                    tg.cancel_scope.cancel()
+    except SandboxError as exc:
+        log.info("call_not_run", error=str(exc), client=client)
+        return types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=result.render_text())],
+        structured_content=result.model_dump(mode="json"),
+        is_error=False,
+    )
+
+
+def _client_name(ctx: ServerRequestContext[Any]) -> str | None:
+    info: Any = None
+    params = ctx.session.client_params
+    if params is not None:
+        info = params.client_info
+    elif ctx.meta:
+        info = ctx.meta.get(types.CLIENT_INFO_META_KEY)
+    if info is None:
+        return None
+    name = info.get("name") if isinstance(info, dict) else getattr(info, "name", None)
+    version = info.get("version") if isinstance(info, dict) else getattr(info, "version", None)
+    return f"{name} {version}".strip()[:200] if name else None
+
+
+class _ProgressStreamer:
+    """Turns output into ``notifications/progress``: at most one every 100 ms, each bounded in size.
+
+    ``progress`` is the elapsed seconds and ``total`` the timeout; ``message`` carries the new text,
+    stderr lines marked ``[stderr]``. Output beyond the backlog bound is summarised, not queued:
+    the final result carries the full (capped) output anyway.
+    """
+
+    def __init__(self, ctx: ServerRequestContext[Any], total: float) -> None:
+        self._ctx = ctx
+        self._total = total
+        self._start = time.monotonic()
+        self._parts: list[str] = []
+        self._size = 0
+        self._dropped = 0
+        self._wake = anyio.Event()
+
+    async def add(self, stream: StreamName, text: str) -> None:
+        if self._size >= STREAM_BACKLOG_CHARS:
+            self._dropped += len(text)
+            return
+        if stream == "stderr":
+            text = "".join(f"[stderr] {line}" for line in text.splitlines(keepends=True))
+        self._parts.append(text)
+        self._size += len(text)
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Send until cancelled (the caller cancels it once the execution ended)."""
+        while True:
+            with anyio.move_on_after(1.0):  # a heartbeat each second, output or not
+                await self._wake.wait()
+            await self._flush()
+            await anyio.sleep(STREAM_INTERVAL_SECONDS)
+
+    async def close(self) -> None:
+        """Send what is left."""
+        if self._parts or self._dropped:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        self._wake = anyio.Event()
+        text = "".join(self._parts)
+        self._parts.clear()
+        self._size = 0
+        while True:
+            message, text = text[:STREAM_MESSAGE_CHARS], text[STREAM_MESSAGE_CHARS:]
+            if self._dropped and not text:
+                message += f"\n[{self._dropped} characters not streamed; the result has them]\n"
+                self._dropped = 0
+            elapsed = round(time.monotonic() - self._start, 3)
+            try:
+                await self._ctx.session.report_progress(elapsed, self._total, message or None)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return  # the client went away; the call's own cancellation follows
+            if not text:
+                return
+
+
+async def serve_stdio(sandbox: Sandbox) -> None:
+    """Serve MCP on stdin/stdout until the client closes stdin."""
+    server = build_server(sandbox)
+    async with stdio_server() as (read_stream, write_stream):
+        await server.run(read_stream, write_stream, server.create_initialization_options())

@@ -1,0 +1,12 @@
+# Runs user code inside the bash image. Reads from stdin one header line
+# "CODOMYRMEX1 <nonce> <code length in bytes>", then the code, and leaves the rest of stdin to
+# the program. `read` takes a pipe one byte at a time and `head -c` never reads past its count,
+# so the program's stdin starts exactly after the code.
+IFS=' ' read -r magic nonce length || exit 125
+[ "$magic" = CODOMYRMEX1 ] || exit 125
+head -c "$length" > /sandbox/main.sh || exit 125
+# Report a deliberate exit status out of band, so that `exit 137` is not taken for a SIGKILL.
+trap "printf '\\0${nonce}:exit=%d\\0' \"\$?\"" EXIT
+unset magic nonce length
+BASH_ARGV0=main.sh
+source /sandbox/main.sh

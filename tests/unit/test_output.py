@@ -1,0 +1,93 @@
+"""Output collection: caps, the runner's trailers split across chunks, decoding."""
+
+from __future__ import annotations
+
+import base64
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from codomyrmex_sandbox.backends.base import Evidence, decide
+from codomyrmex_sandbox.models import Status
+from codomyrmex_sandbox.output import OutputCollector
+
+NONCE = "0123456789abcdef0123456789abcdef"
+
+
+def trailer(key: str, value: bytes) -> bytes:
+    return b"\x00" + NONCE.encode() + b":" + key.encode() + b"=" + value + b"\x00"
+
+
+async def collect(chunks: list[tuple[str, bytes]], cap: int = 1000) -> tuple[OutputCollector, list[tuple[str, str]]]:
+    streamed: list[tuple[str, str]] = []
+
+    async def on_output(stream, text):
+        streamed.append((stream, text))
+
+    collector = OutputCollector(cap, NONCE, on_output)
+    for stream, chunk in chunks:
+        await collector.feed(stream, chunk)  # type: ignore[arg-type]
+    await collector.finish()
+    return collector, streamed
+
+
+async def test_trailers_are_removed_from_stdout_and_read():
+    rv = base64.b64encode(b"42")
+    collector, streamed = await collect([("stdout", b"hello\n" + trailer("rv", rv) + trailer("exit", b"0"))])
+    assert collector.text("stdout") == "hello\n"
+    assert collector.return_value() == "42"
+    assert collector.reported_exit() == 0
+    assert "".join(text for _, text in streamed) == "hello\n"
+
+
+@given(st.integers(min_value=1, max_value=60), st.binary(max_size=50))
+async def test_a_trailer_split_anywhere_across_chunks_is_still_removed(size: int, before: bytes):
+    before = before.replace(b"\x00", b"")
+    data = before + trailer("exit", b"3") + b"after"
+    chunks = [("stdout", data[i : i + size]) for i in range(0, len(data), size)]
+    collector, _ = await collect(chunks)
+    assert collector.text("stdout").encode() == before.decode("utf-8", "replace").encode() + b"after"
+    assert collector.reported_exit() == 3
+
+
+async def test_a_marker_from_another_nonce_stays_in_the_output():
+    fake = b"\x00ffffffffffffffffffffffffffffffff:exit=0\x00"
+    collector, _ = await collect([("stdout", fake)])
+    assert collector.reported_exit() is None
+    assert collector.text("stdout") == fake.decode()
+
+
+async def test_a_trailer_on_stderr_is_not_trusted():
+    collector, _ = await collect([("stderr", trailer("exit", b"0"))])
+    assert collector.reported_exit() is None
+
+
+async def test_output_past_the_cap_is_cut_and_flagged():
+    collector, streamed = await collect([("stdout", b"x" * 600), ("stdout", b"y" * 600)], cap=1000)
+    assert collector.over_cap
+    assert collector.truncated("stdout") and not collector.truncated("stderr")
+    assert collector.size("stdout") == 1000
+    assert sum(len(text) for _, text in streamed) == 1000
+
+
+async def test_invalid_utf8_is_replaced_and_a_split_character_is_kept_whole():
+    euro = "€".encode()
+    collector, streamed = await collect([("stdout", euro[:1]), ("stdout", euro[1:] + b"\xff")])
+    assert collector.text("stdout") == "€\ufffd"
+    assert "".join(text for _, text in streamed) == "€\ufffd"
+
+
+def test_status_is_decided_from_evidence_not_exit_codes_alone():
+    assert decide(Evidence(exit_code=0), 0) == (Status.SUCCESS, 0, None)
+    assert decide(Evidence(exit_code=3), 3) == (Status.ERROR, 3, None)
+    # 137 with the runner's word that the program chose it is an exit code, not a signal
+    assert decide(Evidence(exit_code=137), 137) == (Status.ERROR, 137, None)
+    # 137 without that word is a SIGKILL that no limit explains
+    assert decide(Evidence(exit_code=137), None) == (Status.KILLED, None, "SIGKILL")
+    assert decide(Evidence(exit_code=139), 0) == (Status.KILLED, None, "SIGSEGV")
+    # the engine's OOM record, not 137, makes a memory_limit
+    assert decide(Evidence(exit_code=137, oom_killed=True), None)[0] is Status.MEMORY_LIMIT
+    assert decide(Evidence(exit_code=0, timed_out=True), 0)[0] is Status.TIMEOUT
+    assert decide(Evidence(exit_code=137, output_capped=True, timed_out=True), None)[0] is Status.OUTPUT_LIMIT
+    assert decide(Evidence(exit_code=None, cancelled=True), None)[0] is Status.CANCELLED
+    assert decide(Evidence(exit_code=200), None) == (Status.ERROR, 200, None)

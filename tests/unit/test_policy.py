@@ -1,0 +1,148 @@
+"""The policy is a ceiling: requests resolve to effective limits or to a denial naming the cap."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from codomyrmex_sandbox import InvalidRequestError, LimitAboveCapError, Settings, UnknownLanguageError
+from codomyrmex_sandbox.models import ExecutionRequest, request_from_arguments
+from codomyrmex_sandbox.policy import check_payload, resolve_limits
+
+LANGUAGES = ["bash", "javascript", "python"]
+
+
+def settings(**overrides: object) -> Settings:
+    return Settings.load(backend="fake", **overrides)
+
+
+def test_defaults_come_from_the_policy_when_the_request_names_none():
+    limits = resolve_limits(ExecutionRequest(code="x"), settings(), LANGUAGES)
+    assert limits.timeout_seconds == 30
+    assert limits.memory_mb == 256
+    assert limits.pids == 128
+    assert limits.open_files == 256
+    assert limits.network == "none"
+
+
+def test_a_request_may_lower_limits():
+    limits = resolve_limits(ExecutionRequest(code="x", timeout_seconds=0.5, memory_mb=32), settings(), LANGUAGES)
+    assert (limits.timeout_seconds, limits.memory_mb) == (0.5, 32)
+
+
+def test_a_timeout_above_the_cap_is_denied_naming_the_cap():
+    with pytest.raises(LimitAboveCapError, match=r"timeout_seconds=301 is above this server's cap of 300"):
+        resolve_limits(ExecutionRequest(code="x", timeout_seconds=301), settings(), LANGUAGES)
+
+
+def test_memory_above_the_cap_is_denied_naming_the_cap():
+    with pytest.raises(LimitAboveCapError, match=r"memory_mb=4096 .* cap of 2048 MiB"):
+        resolve_limits(ExecutionRequest(code="x", memory_mb=4096), settings(), LANGUAGES)
+
+
+def test_an_operator_cap_applies_to_every_request():
+    strict = settings(max_timeout_seconds=5, default_timeout_seconds=5)
+    with pytest.raises(LimitAboveCapError):
+        resolve_limits(ExecutionRequest(code="x", timeout_seconds=6), strict, LANGUAGES)
+
+
+@given(timeout=st.floats(min_value=1e-3, max_value=1e6), memory=st.integers(min_value=16, max_value=10**6))
+def test_effective_limits_never_exceed_the_caps(timeout: float, memory: int):
+    policy = settings(max_timeout_seconds=60, default_timeout_seconds=10, max_memory_mb=512)
+    request = ExecutionRequest(code="x", timeout_seconds=timeout, memory_mb=memory)
+    try:
+        limits = resolve_limits(request, policy, LANGUAGES)
+    except LimitAboveCapError as exc:
+        assert exc.requested > exc.cap
+    else:
+        assert limits.timeout_seconds <= 60
+        assert limits.memory_mb <= 512
+
+
+def test_an_unknown_language_is_denied_listing_the_known_ones():
+    with pytest.raises(UnknownLanguageError, match=r"unknown language 'ruby'; use one of: bash, javascript, python"):
+        resolve_limits(ExecutionRequest(code="x", language="ruby"), settings(), LANGUAGES)
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        {"code": "x", "timeout_seconds": -1},
+        {"code": "x", "timeout_seconds": 0},
+        {"code": "x", "timeout_seconds": math.nan},
+        {"code": "x", "timeout_seconds": math.inf},
+        {"code": "x", "timeout_seconds": "10"},
+        {"code": "x", "timeout_seconds": True},
+        {"code": "x", "memory_mb": 5},
+        {"code": "x", "memory_mb": -1},
+        {"code": "x", "memory_mb": "256m; --privileged"},
+        {"code": "x", "memory_mb": 256.5},
+        {"code": 12},
+        {"code": "x", "image": "alpine"},
+        {"code": "x", "privileged": True},
+        {"code": "x", "network": "host"},
+        {},
+    ],
+)
+def test_malformed_arguments_are_rejected_with_a_message_naming_them(arguments):
+    with pytest.raises(InvalidRequestError, match="invalid arguments"):
+        request_from_arguments(arguments)
+
+
+def test_an_unknown_argument_is_named_with_the_accepted_ones():
+    with pytest.raises(InvalidRequestError, match=r"unknown argument 'image' \(accepted: code, language"):
+        request_from_arguments({"code": "x", "image": "alpine"})
+
+
+def test_nul_bytes_in_code_are_rejected():
+    with pytest.raises(InvalidRequestError, match="NUL"):
+        check_payload(ExecutionRequest(code="print(1)\x00"), settings())
+
+
+def test_lone_surrogates_are_rejected():
+    with pytest.raises(InvalidRequestError, match="lone surrogate"):
+        check_payload(ExecutionRequest(code="print('\ud800')"), settings())
+
+
+def test_code_over_the_cap_is_rejected_with_its_size():
+    with pytest.raises(InvalidRequestError, match=r"code is 2001 bytes, above this server's cap of 2000"):
+        check_payload(ExecutionRequest(code="#" * 2001), settings(max_code_bytes=2000))
+
+
+def test_stdin_over_the_cap_is_rejected():
+    with pytest.raises(InvalidRequestError, match="stdin is"):
+        check_payload(ExecutionRequest(code="x", stdin="y" * 11), settings(max_stdin_bytes=10))
+
+
+def test_empty_code_is_rejected():
+    with pytest.raises(InvalidRequestError, match="empty"):
+        check_payload(ExecutionRequest(code="  \n"), settings())
+
+
+def test_settings_reject_a_default_above_its_cap():
+    with pytest.raises(InvalidRequestError, match="default_timeout_seconds must not exceed"):
+        settings(default_timeout_seconds=500)
+
+
+def test_settings_read_the_environment_and_a_toml_file(tmp_path, monkeypatch):
+    config = tmp_path / "sandbox.toml"
+    config.write_text('max_timeout_seconds = 60\ndefault_timeout_seconds = 20\nmax_memory_mb = 1024\n')
+    monkeypatch.setenv("CODOMYRMEX_SANDBOX_MAX_MEMORY_MB", "512")
+    loaded = Settings.load(config)
+    assert loaded.max_timeout_seconds == 60
+    assert loaded.max_memory_mb == 512  # the environment wins over the file
+
+
+def test_a_broken_config_file_is_reported_clearly(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("max_timeout_seconds = [")
+    with pytest.raises(InvalidRequestError, match="not valid TOML"):
+        Settings.load(config)
+    with pytest.raises(InvalidRequestError, match="cannot read config file"):
+        Settings.load(tmp_path / "missing.toml")
+    config.write_text("no_such_setting = 1\n")
+    with pytest.raises(InvalidRequestError, match="no_such_setting"):
+        Settings.load(config)
