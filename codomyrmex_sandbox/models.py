@@ -102,10 +102,7 @@ def request_from_arguments(arguments: Mapping[str, Any]) -> ExecutionRequest:
         for err in exc.errors(include_url=False, include_input=False):
             where = ".".join(str(part) for part in err["loc"]) or "arguments"
             if err["type"] == "extra_forbidden":
-                problems.append(f"unknown argument {where!r} (accepted: {', '.join(_ACCEPTED)})")
+                problems.append(f"unknown argument {where!r} (accepted: {', '.join(ExecutionRequest.model_fields)})")
             else:
                 problems.append(f"{where}: {err['msg']}")
         raise InvalidRequestError("invalid arguments: " + "; ".join(problems) + ".") from exc
-
-
-_ACCEPTED = ("code", "language", "stdin", "timeout_seconds", "memory_mb")

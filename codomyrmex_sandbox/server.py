@@ -21,7 +21,7 @@ from mcp.shared.exceptions import MCPError
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
-from codomyrmex_sandbox.models import ExecutionResult, request_from_arguments
+from codomyrmex_sandbox.models import ExecutionResult
 from codomyrmex_sandbox.output import StreamName
 from codomyrmex_sandbox.service import Sandbox
 
@@ -133,27 +133,28 @@ async def _call_execute(
     sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any]
 ) -> types.CallToolResult:
     client = _client_name(ctx)
-    token = (ctx.meta or {}).get("progress_token")
-    try:
-        request = request_from_arguments(arguments)
-        if token is None:
-            result = await sandbox.execute_request(request, client=client)
-        else:
-            streamer = _ProgressStreamer(ctx, request.timeout_seconds or sandbox.settings.default_timeout_seconds)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(streamer.run)
-                try:
-                    result = await sandbox.execute_request(request, on_output=streamer.add, client=client)
-                finally:
-                    with anyio.CancelScope(shield=True):
-                        await streamer.close()
-                    tg.cancel_scope.cancel()
-    except SandboxError as exc:
-        log.info("call_not_run", error=str(exc), client=client)
-        return types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+    # Always stream: the session sends nothing unless the caller gave a progress token, and an
+    # in-process client's token is not visible in the request's metadata.
+    timeout = arguments.get("timeout_seconds")
+    total = float(timeout) if isinstance(timeout, int | float) else sandbox.settings.default_timeout_seconds
+    streamer = _ProgressStreamer(ctx, total)
+    outcome: ExecutionResult | SandboxError
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(streamer.run)
+        try:
+            outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client)
+        except SandboxError as exc:  # caught here: a task group would wrap it in a group
+            outcome = exc
+        finally:
+            with anyio.CancelScope(shield=True):
+                await streamer.close()
+            tg.cancel_scope.cancel()
+    if isinstance(outcome, SandboxError):
+        log.info("call_not_run", error=str(outcome), client=client)
+        return types.CallToolResult(content=[types.TextContent(type="text", text=str(outcome))], is_error=True)
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=result.render_text())],
-        structured_content=result.model_dump(mode="json"),
+        content=[types.TextContent(type="text", text=outcome.render_text())],
+        structured_content=outcome.model_dump(mode="json"),
         is_error=False,
     )
 

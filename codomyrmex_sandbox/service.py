@@ -15,8 +15,9 @@ killed and removed and the cancellation propagates.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import anyio
 import structlog
@@ -82,15 +83,31 @@ class Sandbox:
         client: str | None = None,
     ) -> ExecutionResult:
         """Run ``code`` once in a fresh sandbox and return how it ended."""
-        request = request_from_arguments(
-            {
-                "code": code,
-                "language": language,
-                "stdin": stdin,
-                "timeout_seconds": timeout_seconds,
-                "memory_mb": memory_mb,
-            }
-        )
+        arguments = {
+            "code": code,
+            "language": language,
+            "stdin": stdin,
+            "timeout_seconds": timeout_seconds,
+            "memory_mb": memory_mb,
+        }
+        return await self.execute_arguments(arguments, on_output=on_output, client=client)
+
+    async def execute_arguments(
+        self,
+        arguments: Mapping[str, Any],
+        *,
+        on_output: OutputCallback | None = None,
+        client: str | None = None,
+    ) -> ExecutionResult:
+        """Like `execute`, for raw tool arguments (the MCP adapter's path); invalid ones are audited."""
+        try:
+            request = request_from_arguments(arguments)
+        except InvalidRequestError as exc:
+            language = arguments.get("language")
+            audit.record_ended_without_result(
+                uuid.uuid4().hex, str(language)[:40] if language else "python", "denied", client, reason=str(exc)
+            )
+            raise
         return await self.execute_request(request, on_output=on_output, client=client)
 
     async def execute_request(
@@ -100,7 +117,7 @@ class Sandbox:
         on_output: OutputCallback | None = None,
         client: str | None = None,
     ) -> ExecutionResult:
-        """Like `execute`, for a request that is already a model (the MCP adapter's path)."""
+        """Like `execute`, for a request that is already a validated model."""
         if not self._opened:
             raise SandboxError("the Sandbox is not open; use `async with Sandbox(...) as sandbox:`.")
         execution_id = uuid.uuid4().hex
