@@ -10,11 +10,10 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-import structlog
-
+from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import ExecutionResult, Limits
 
-audit_log = structlog.get_logger("codomyrmex_sandbox.audit")
+AUDIT_LOGGER = "codomyrmex_sandbox.audit"
 
 
 def code_digest(code: bytes) -> str:
@@ -22,7 +21,7 @@ def code_digest(code: bytes) -> str:
 
 
 def record_started(execution_id: str, language: str, code: bytes, limits: Limits, client: str | None) -> None:
-    audit_log.info(
+    get_logger(AUDIT_LOGGER).info(
         "audit.execution_started",
         execution_id=execution_id,
         client=client,
@@ -34,7 +33,7 @@ def record_started(execution_id: str, language: str, code: bytes, limits: Limits
 
 
 def record_finished(result: ExecutionResult, limits: Limits, client: str | None) -> None:
-    audit_log.info(
+    get_logger(AUDIT_LOGGER).info(
         "audit.execution",
         execution_id=result.execution_id,
         client=client,
@@ -59,7 +58,7 @@ def record_ended_without_result(
     **detail: Any,  # noqa: ANN401
 ) -> None:
     """A denial, an engine failure, or a cancelled call: no result was produced."""
-    audit_log.info(
+    get_logger(AUDIT_LOGGER).info(
         "audit.execution",
         execution_id=execution_id,
         client=client,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import Any
 
 import structlog
 
@@ -46,3 +47,23 @@ def configure_logging(level: str = "info") -> None:
     root.setLevel(numeric)
     # The SDK logs every request at INFO; keep that for debugging only.
     logging.getLogger("mcp").setLevel(numeric if numeric == logging.DEBUG else max(numeric, logging.WARNING))
+
+
+def get_logger(name: str) -> Any:  # noqa: ANN401 - structlog's loggers are dynamically typed
+    """structlog's logger when the application configured structlog, else JSON lines on stderr.
+
+    A library must not write to stdout: an application that embeds the Sandbox may be an MCP
+    server whose stdout is its transport, and structlog's unconfigured default prints there.
+    Called at each use (not at import), so configuring structlog later still takes effect.
+    """
+    if structlog.is_configured():
+        return structlog.get_logger(name)
+    return structlog.wrap_logger(
+        structlog.PrintLogger(sys.stderr),
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.JSONRenderer(),
+        ],
+        logger_name=name,
+    )

@@ -13,7 +13,6 @@ from typing import Any
 
 import anyio
 import mcp_types as types
-import structlog
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
@@ -21,11 +20,10 @@ from mcp.shared.exceptions import MCPError
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import ExecutionResult
 from codomyrmex_sandbox.output import StreamName
 from codomyrmex_sandbox.service import Sandbox
-
-log = structlog.get_logger("codomyrmex_sandbox.server")
 
 TOOL_NAME = "execute_code"
 STREAM_INTERVAL_SECONDS = 0.1
@@ -150,7 +148,7 @@ async def _call_execute(
                 await streamer.close()
             tg.cancel_scope.cancel()
     if isinstance(outcome, SandboxError):
-        log.info("call_not_run", error=str(outcome), client=client)
+        get_logger("codomyrmex_sandbox.server").info("call_not_run", error=str(outcome), client=client)
         return types.CallToolResult(content=[types.TextContent(type="text", text=str(outcome))], is_error=True)
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=outcome.render_text())],

@@ -20,7 +20,6 @@ from types import TracebackType
 from typing import Any, Self
 
 import anyio
-import structlog
 
 from codomyrmex_sandbox import audit
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
@@ -30,8 +29,6 @@ from codomyrmex_sandbox.output import OutputCallback
 from codomyrmex_sandbox.policy import check_payload, resolve_limits
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
 from codomyrmex_sandbox.settings import Settings
-
-log = structlog.get_logger("codomyrmex_sandbox.service")
 
 
 class Sandbox:

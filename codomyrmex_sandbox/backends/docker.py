@@ -26,7 +26,6 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests.exceptions
-import structlog
 from anyio.streams.memory import MemoryObjectSendStream
 from docker.types import LogConfig, Ulimit
 from docker.utils.socket import frames_iter
@@ -44,14 +43,14 @@ from codomyrmex_sandbox.errors import (
     RuntimeUnavailableError,
     SandboxError,
 )
+from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import MIB, ExecutionResult
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
 
-log = structlog.get_logger("codomyrmex_sandbox.docker")
-
 T = TypeVar("T")
+LOGGER = "codomyrmex_sandbox.docker"
 
 MANAGED = f"{LABEL_PREFIX}.managed"
 LABEL_EXECUTION = f"{LABEL_PREFIX}.execution-id"
@@ -109,11 +108,11 @@ class DockerBackend:
         try:
             await self._api_client()
         except EngineUnavailableError as exc:
-            log.warning("engine_unavailable", error=str(exc))
+            get_logger(LOGGER).warning("engine_unavailable", error=str(exc))
             return
         removed = await self._call(self._sweep_orphans)
         if removed:
-            log.info("orphans_removed", count=removed)
+            get_logger(LOGGER).info("orphans_removed", count=removed)
 
     async def aclose(self) -> None:
         """Kill and remove every container this backend started and has not removed yet."""

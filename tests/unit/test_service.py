@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import anyio
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from codomyrmex_sandbox import (
@@ -212,3 +213,16 @@ async def test_closing_the_sandbox_closes_the_backend():
     async with sandbox:
         assert backend.opened
     assert backend.closed
+
+
+async def test_the_library_never_writes_to_stdout_even_with_structlog_unconfigured(capsys):
+    # An application embedding the Sandbox may be an MCP server whose stdout is its transport.
+    structlog.reset_defaults()
+    sandbox, _ = sandbox_with(prints_hello)
+    async with sandbox:
+        await sandbox.execute("print('hello')")
+        with pytest.raises(InvalidRequestError):
+            await sandbox.execute("x", timeout_seconds=-1)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert '"event": "audit.execution"' in captured.err
