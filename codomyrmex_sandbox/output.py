@@ -3,7 +3,8 @@
 Every backend feeds raw bytes from the sandbox into an `OutputCollector`. It keeps each stream
 up to the cap, notices when a stream passes it (the backend then kills the sandbox), removes the
 runner's trailers (``\\0<nonce>:<key>=<value>\\0``) from stdout, and hands new text to a streaming
-callback. It holds only bounded memory: at most the cap per stream plus one trailer.
+callback. Text, final or streamed, is decoded as UTF-8 with replacement and sanitized. It holds
+only bounded memory: at most the cap per stream plus one trailer.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import codecs
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Literal
+
+from codomyrmex_sandbox.sanitize import sanitize
 
 StreamName = Literal["stdout", "stderr"]
 OutputCallback = Callable[[StreamName, str], Awaitable[None]]
@@ -67,10 +70,11 @@ class OutputCollector:
         for name, stream in self._streams.items():
             tail = stream.decoder.decode(b"", final=True)
             if tail and self._on_output is not None:
-                await self._on_output(name, tail)
+                await self._on_output(name, sanitize(tail))
 
     def text(self, stream: StreamName) -> str:
-        return bytes(self._streams[stream].data).decode("utf-8", errors="replace")
+        """The stream's output so far, decoded and sanitized (see `codomyrmex_sandbox.sanitize`)."""
+        return sanitize(bytes(self._streams[stream].data).decode("utf-8", errors="replace"))
 
     def truncated(self, stream: StreamName) -> bool:
         return self._streams[stream].truncated
@@ -102,7 +106,7 @@ class OutputCollector:
         if kept and self._on_output is not None:
             text = state.decoder.decode(kept)
             if text:
-                await self._on_output(stream, text)
+                await self._on_output(stream, sanitize(text))
 
     def _strip_trailers(self, chunk: bytes) -> bytes:
         buf = self._pending + chunk

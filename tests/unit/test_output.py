@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from codomyrmex_sandbox.backends.base import Evidence, decide
 from codomyrmex_sandbox.models import Status
 from codomyrmex_sandbox.output import OutputCollector
+from codomyrmex_sandbox.sanitize import sanitize
 
 NONCE = "0123456789abcdef0123456789abcdef"
 
@@ -46,7 +47,7 @@ async def test_a_trailer_split_anywhere_across_chunks_is_still_removed(size: int
     data = before + trailer("exit", b"3") + b"after"
     chunks = [("stdout", data[i : i + size]) for i in range(0, len(data), size)]
     collector, _ = await collect(chunks)
-    assert collector.text("stdout").encode() == before.decode("utf-8", "replace").encode() + b"after"
+    assert collector.text("stdout") == sanitize(before.decode("utf-8", "replace") + "after")
     assert collector.reported_exit() == 3
 
 
@@ -54,7 +55,7 @@ async def test_a_marker_from_another_nonce_stays_in_the_output():
     fake = b"\x00ffffffffffffffffffffffffffffffff:exit=0\x00"
     collector, _ = await collect([("stdout", fake)])
     assert collector.reported_exit() is None
-    assert collector.text("stdout") == fake.decode()
+    assert collector.text("stdout") == sanitize(fake.decode())
 
 
 async def test_a_trailer_on_stderr_is_not_trusted():
@@ -91,3 +92,39 @@ def test_status_is_decided_from_evidence_not_exit_codes_alone():
     assert decide(Evidence(exit_code=137, output_capped=True, timed_out=True), None)[0] is Status.OUTPUT_LIMIT
     assert decide(Evidence(exit_code=None, cancelled=True), None)[0] is Status.CANCELLED
     assert decide(Evidence(exit_code=200), None) == (Status.ERROR, 200, None)
+
+
+def test_terminal_escape_sequences_are_removed():
+    hostile = (
+        "\x1b[2J\x1b[H"  # clear screen, cursor home
+        "\x1b]52;c;ZWNobyBwd25lZA==\x07"  # OSC 52: write the clipboard
+        "\x1b]8;;https://evil.example\x1b\\link\x1b]8;;\x1b\\"  # OSC 8 hyperlink
+        "\x1b[31mred\x1b[0m"
+        "\x1bP1$r\x1b\\"  # DCS
+        "\x9b31m"  # 8-bit CSI
+        "done"
+    )
+    assert sanitize(hostile) == "linkreddone"
+
+
+def test_other_controls_are_made_visible_and_newlines_and_tabs_kept():
+    assert sanitize("a\x00b\x07c\x08d\x7fe\tf\ng") == "a\\x00b\\x07c\\x08d\\x7fe\tf\ng"
+    assert sanitize("progress 10%\rprogress 20%\r\n") == "progress 10%\nprogress 20%\n"
+    assert sanitize("abc\u202edcba") == "abc\\u202edcba"
+
+
+def test_plain_text_passes_unchanged():
+    text = "Hello, world! 1 + 1 = 2\n\tindented — üñíçødé 😀\n"
+    assert sanitize(text) == text
+
+
+@given(st.text())
+def test_sanitized_text_holds_no_escape_or_control_character(text: str):
+    cleaned = sanitize(text)
+    assert not any((ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F for c in cleaned)
+
+
+async def test_output_is_sanitized_both_in_the_result_and_in_the_stream():
+    collector, streamed = await collect([("stdout", b"\x1b[2Jok\x07\n")])
+    assert collector.text("stdout") == "ok\\x07\n"
+    assert "".join(text for _, text in streamed) == "ok\\x07\n"

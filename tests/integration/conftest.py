@@ -1,0 +1,311 @@
+"""Fixtures for the integration tests: a real Docker engine, the built runtime images, real clients.
+
+Nothing here skips. An engine that does not answer, or a runtime image that is missing, fails every
+test with the command that fixes it: CI always has Docker, so a silent skip would hide a broken
+pipeline. After every test, no sandbox container started by these tests may remain.
+
+Clients are opened inside the tests (``async with in_process() as mcp:``), not in async fixtures:
+pytest-asyncio sets a fixture up and tears it down in different tasks, and the MCP client holds
+anyio task groups that must be entered and exited by the same task.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import docker
+import docker.errors
+import pytest
+import requests.exceptions
+from mcp import Client, StdioServerParameters
+from mcp_types import CallToolResult
+
+from codomyrmex_sandbox import Sandbox, Settings
+from codomyrmex_sandbox.runtimes import load_runtimes
+from codomyrmex_sandbox.server import build_server
+
+MANAGED = "io.codomyrmex.sandbox.managed"
+OWNER_PID = "io.codomyrmex.sandbox.owner-pid"
+OWNER_HOST = "io.codomyrmex.sandbox.owner-host"
+EXECUTION_ID = "io.codomyrmex.sandbox.execution-id"
+
+TOOL = "execute_code"
+CANARY_VARIABLE = "CODOMYRMEX_TEST_CANARY"
+CALL_DEADLINE = 60.0  # no single call in these tests may take longer: a hang fails, it does not stall CI
+LEFTOVER_DEADLINE = 5.0
+FIX_ENGINE = "start the Docker engine (e.g. `sudo systemctl start docker`) or set DOCKER_HOST"
+FIX_IMAGES = "run `codomyrmex-sandbox runtimes build`"
+
+
+def console_script() -> str:
+    """The venv's ``codomyrmex-sandbox`` script, next to the interpreter running the tests."""
+    script = Path(sys.executable).parent / "codomyrmex-sandbox"
+    if script.exists():
+        return str(script)
+    found = shutil.which("codomyrmex-sandbox")
+    if found is None:
+        pytest.fail("the codomyrmex-sandbox console script is not installed; run `pip install -e .`", pytrace=False)
+    return found
+
+
+def server_environment(**extra: str) -> dict[str, str]:
+    """What a server started by a test needs: PATH, the engine's address, the operator's settings."""
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for name, value in os.environ.items():
+        if name.startswith(("CODOMYRMEX_SANDBOX_", "DOCKER_")):
+            env[name] = value
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Engine:
+    """The Docker engine as the tests see it: which sandbox containers exist, and waiting on them.
+
+    Only containers owned by this test process or by a server it started count, so that another
+    test run on the same machine cannot make these tests fail.
+    """
+
+    api: docker.APIClient
+    owners: set[int] = field(default_factory=lambda: {os.getpid()})
+    host: str = field(default_factory=socket.gethostname)
+
+    def containers(self, *, owners: set[int] | None = None, running: bool = False) -> list[dict[str, Any]]:
+        filters: dict[str, Any] = {"label": f"{MANAGED}=true"}
+        if running:
+            filters["status"] = "running"
+        pids = {str(pid) for pid in (self.owners if owners is None else owners)}
+        found = self.api.containers(all=True, filters=filters)
+        return [
+            c
+            for c in found
+            if (c.get("Labels") or {}).get(OWNER_HOST) == self.host and (c.get("Labels") or {}).get(OWNER_PID) in pids
+        ]
+
+    def for_execution(self, execution_id: str) -> list[dict[str, Any]]:
+        return self.api.containers(all=True, filters={"label": [f"{MANAGED}=true", f"{EXECUTION_ID}={execution_id}"]})
+
+    def process_count(self, container_id: str) -> int:
+        try:
+            return len(self.api.top(container_id).get("Processes") or [])
+        except docker.errors.APIError:  # not running (yet, or any more)
+            return 0
+
+    async def wait_until_running(self, owner: int, *, timeout: float = 20.0) -> dict[str, Any]:
+        """The first running sandbox container of ``owner``; fails after ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
+            if found:
+                return found[0]
+            if time.monotonic() > deadline:
+                pytest.fail(f"no sandbox container of pid {owner} was running within {timeout} s")
+            await anyio.sleep(0.02)
+
+    async def wait_until_gone(self, owner: int, *, timeout: float = LEFTOVER_DEADLINE) -> float:
+        """Seconds until ``owner`` has no sandbox container left; fails after ``timeout`` seconds."""
+        start = time.monotonic()
+        while True:
+            found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}))
+            if not found:
+                return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                pytest.fail(f"sandbox containers still exist {timeout} s later: {describe(found)}")
+            await anyio.sleep(0.02)
+
+    async def wait_for_processes(self, container_id: str, at_least: int, *, timeout: float = 20.0) -> int:
+        deadline = time.monotonic() + timeout
+        while True:
+            count = await anyio.to_thread.run_sync(self.process_count, container_id)
+            if count >= at_least:
+                return count
+            if time.monotonic() > deadline:
+                pytest.fail(f"the sandbox never had {at_least} processes within {timeout} s (last seen: {count})")
+            await anyio.sleep(0.02)
+
+
+def describe(containers: list[dict[str, Any]]) -> str:
+    return ", ".join(f"{c['Id'][:12]} ({c.get('State')}, {(c.get('Labels') or {}).get(EXECUTION_ID)})" for c in containers)
+
+
+@pytest.fixture(scope="session")
+def settings() -> Settings:
+    return Settings.load()
+
+
+@pytest.fixture(scope="session")
+def engine(settings: Settings) -> Iterator[Engine]:
+    """The engine, checked once per session: reachable, and every runtime image built."""
+    try:
+        client = docker.DockerClient(base_url=settings.docker_host) if settings.docker_host else docker.from_env()
+        client.ping()
+    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
+        pytest.fail(
+            f"the integration tests need a running Docker engine, and it is not reachable ({exc}); {FIX_ENGINE}.",
+            pytrace=False,
+        )
+    missing = []
+    for spec in load_runtimes(settings.runtimes_dir, settings.languages).values():
+        image = spec.image(settings.image_prefix)
+        try:
+            client.api.inspect_image(image)
+        except docker.errors.ImageNotFound:
+            missing.append(image)
+    if missing:
+        client.close()
+        pytest.fail(f"runtime images are missing or stale: {', '.join(missing)}; {FIX_IMAGES}.", pytrace=False)
+    yield Engine(client.api)
+    client.close()
+
+
+@pytest.fixture(autouse=True)
+def no_sandbox_left_behind(engine: Engine) -> Iterator[None]:
+    """After each test: every sandbox container these tests caused is gone (removed, not just stopped)."""
+    yield
+    deadline = time.monotonic() + LEFTOVER_DEADLINE
+    left = engine.containers()
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = engine.containers()
+    if left:
+        for container in left:  # so that the next test starts clean
+            engine.api.remove_container(container["Id"], force=True)
+        pytest.fail(f"sandbox containers were left behind: {describe(left)}")
+
+
+@pytest.fixture
+def canary() -> str:
+    return f"canary-{secrets.token_hex(12)}"
+
+
+@pytest.fixture
+async def sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
+    """An opened `Sandbox` on the Docker backend (the Python API)."""
+    async with Sandbox(settings) as opened:
+        yield opened
+
+
+@dataclass
+class Connection:
+    """One MCP connection to a server, and the pid that its sandbox containers are labelled with."""
+
+    client: Client
+    owner_pid: int
+    transport: str
+
+    async def call(self, arguments: dict[str, Any], **options: Any) -> CallToolResult:  # noqa: ANN401
+        with anyio.fail_after(CALL_DEADLINE):
+            return await self.client.call_tool(TOOL, arguments, **options)
+
+    async def run(self, code: str, **arguments: Any) -> dict[str, Any]:  # noqa: ANN401
+        """Call execute_code and return its structured result, which must be a normal (not isError) result."""
+        result = await self.call({"code": code, **arguments})
+        text = " ".join(getattr(part, "text", "") for part in result.content)
+        assert not result.is_error, f"the call did not run: {text}"
+        assert result.structured_content is not None, f"no structured content: {text}"
+        return result.structured_content
+
+
+Connector = Callable[[], AbstractAsyncContextManager[Connection]]
+
+
+@pytest.fixture
+def in_process(sandbox: Sandbox, canary: str, monkeypatch: pytest.MonkeyPatch) -> Connector:
+    """Connect an in-process `mcp.Client` to `build_server(sandbox)`: ``async with in_process() as mcp``.
+
+    The test process carries the canary variable, so the server's environment has it too.
+    """
+    monkeypatch.setenv(CANARY_VARIABLE, canary)
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Connection]:
+        async with Client(build_server(sandbox)) as client:
+            yield Connection(client, os.getpid(), "in-process")
+
+    return connect
+
+
+@pytest.fixture
+def stdio(engine: Engine, canary: str) -> Connector:
+    """Start the console script (``codomyrmex-sandbox serve``) and connect to it over stdio.
+
+    Its environment carries the canary variable, which no sandbox may see.
+    """
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Connection]:
+        params = StdioServerParameters(
+            command=console_script(), args=["serve"], env=server_environment(**{CANARY_VARIABLE: canary})
+        )
+        async with Client(params, read_timeout_seconds=CALL_DEADLINE) as client:
+            pid = _server_pid(canary)
+            engine.owners.add(pid)
+            yield Connection(client, pid, "stdio")
+
+    return connect
+
+
+@pytest.fixture(params=["in-process", "stdio"])
+def connect(request: pytest.FixtureRequest) -> Connector:
+    """Either transport, so that a behaviour is checked over both."""
+    connector: Connector = request.getfixturevalue("in_process" if request.param == "in-process" else "stdio")
+    return connector
+
+
+@pytest.fixture
+def run_cli(engine: Engine) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """Run the console script with ``args``, feeding ``stdin``; its sandboxes count as this test's."""
+
+    def run(args: list[str], stdin: str = "", timeout: float = CALL_DEADLINE) -> subprocess.CompletedProcess[str]:
+        command = [console_script(), *args]
+        with subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=server_environment(),
+        ) as process:
+            engine.owners.add(process.pid)
+            try:
+                out, err = process.communicate(stdin, timeout=timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.communicate()
+                pytest.fail(f"{' '.join(args)} did not finish within {timeout} s")
+        return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+    return run
+
+
+def _server_pid(canary: str) -> int:
+    """The pid of the stdio server this process just started: the child whose environment has ``canary``."""
+    marker = f"{CANARY_VARIABLE}={canary}".encode()
+    me = os.getpid()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            if parent == me and marker in (entry / "environ").read_bytes().split(b"\0"):
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    if len(found) != 1:
+        pytest.fail(f"expected one stdio server child with the canary, found pids {found}")
+    return found[0]
