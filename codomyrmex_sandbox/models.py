@@ -53,6 +53,17 @@ class Limits(BaseModel):
     network: str = "none"
 
 
+class ResourceUsage(BaseModel):
+    """What one execution consumed, read from the kernel's accounting of the whole sandbox."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu_time_ms: float | None = Field(description="CPU time of every process in the sandbox, in milliseconds.")
+    peak_memory_bytes: int | None = Field(description="Peak memory of the whole sandbox (page cache included).")
+    memory_limit_hit: bool = Field(description="True when the sandbox reached its memory limit at least once.")
+    oom_kills: int = Field(default=0, description="Processes the kernel killed for lack of memory.")
+
+
 class ExecutionResult(BaseModel):
     """The outcome of a program that ran. Field names are part of the tool contract."""
 
@@ -72,6 +83,9 @@ class ExecutionResult(BaseModel):
     duration_ms: float = Field(description="Wall time of the program itself, start to exit, in milliseconds.")
     language: str = Field(description='The language that ran, e.g. "python".')
     runtime: str = Field(description='The runtime and its version, e.g. "python 3.11.2".')
+    usage: ResourceUsage | None = Field(
+        default=None, description="Resources used, from the kernel's cgroup accounting; null where unavailable."
+    )
 
     def render_text(self) -> str:
         """A short human-readable rendering: status line, then stdout, then stderr."""
@@ -81,6 +95,8 @@ class ExecutionResult(BaseModel):
         if self.signal is not None:
             head += f" (signal {self.signal})"
         head += f" in {self.duration_ms:.0f} ms, {self.runtime}"
+        if self.usage is not None and self.usage.peak_memory_bytes is not None:
+            head += f", peak memory {self.usage.peak_memory_bytes / MIB:.1f} MiB"
         parts = [head]
         if self.return_value is not None:
             parts.append(f"return value: {self.return_value}")

@@ -6,7 +6,7 @@ import signal as _signal
 from dataclasses import dataclass
 from typing import Protocol
 
-from codomyrmex_sandbox.models import ExecutionResult, Limits, Status
+from codomyrmex_sandbox.models import ExecutionResult, Limits, ResourceUsage, Status
 from codomyrmex_sandbox.output import OutputCallback, OutputCollector
 from codomyrmex_sandbox.runtimes import RuntimeSpec
 
@@ -115,6 +115,8 @@ def build_result(
     evidence: Evidence,
     duration_ms: float,
     runtime_version: str,
+    *,
+    usage: ResourceUsage | None = None,
 ) -> ExecutionResult:
     status, exit_code, signal = decide(evidence, collector.reported_exit())
     return ExecutionResult(
@@ -130,4 +132,5 @@ def build_result(
         duration_ms=round(duration_ms, 3),
         language=job.runtime.name,
         runtime=runtime_version,
+        usage=usage,
     )

@@ -13,12 +13,14 @@ of requests) are translated into this package's errors here and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
@@ -37,6 +39,7 @@ from codomyrmex_sandbox.backends.base import (
     build_result,
     runner_header,
 )
+from codomyrmex_sandbox.backends.cgroups import CGROUP_ROOT, CgroupAccounting
 from codomyrmex_sandbox.errors import (
     BackendError,
     EngineUnavailableError,
@@ -44,7 +47,7 @@ from codomyrmex_sandbox.errors import (
     SandboxError,
 )
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import MIB, ExecutionResult
+from codomyrmex_sandbox.models import MIB, ExecutionResult, ResourceUsage
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
@@ -96,6 +99,7 @@ class DockerBackend:
         self._versions: dict[str, str] = {}
         self._live: set[str] = set()
         self._threads = anyio.CapacityLimiter(256)
+        self._accounting: CgroupAccounting | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -157,14 +161,24 @@ class DockerBackend:
         nonce = secrets.token_hex(16)
         payload = runner_header(nonce, job.code) + job.code + (job.stdin or b"")
         collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
-        cid = await self._call(self._create, client, job)
+        parent = None if self._accounting is None else self._accounting.parent_for(job.execution_id)
+        cid = await self._call(self._create, client, job, parent)
         self._live.add(cid)
         try:
             evidence, duration_ms = await self._run(client, cid, job, payload, collector)
+            usage = None
+            if self._accounting is not None and parent is not None:
+                usage = await self._call(self._accounting.read, parent)
         finally:
             with anyio.CancelScope(shield=True):
                 await self._call(self._remove, cid)
-        return build_result(job, collector, evidence, duration_ms, version)
+                if self._accounting is not None and parent is not None:
+                    await self._call(self._accounting.remove, parent)
+        if usage is not None:
+            if usage.oom_kills and not evidence.oom_killed:
+                evidence = dataclasses.replace(evidence, oom_killed=True)  # the kernel's count is evidence too
+            usage = _with_limit_hit(usage, evidence, job.limits.memory_mb * MIB)
+        return build_result(job, collector, evidence, duration_ms, version, usage=usage)
 
     async def _run(
         self, client: docker.DockerClient, cid: str, job: Job, payload: bytes, collector: OutputCollector
@@ -215,7 +229,7 @@ class DockerBackend:
 
     # -- engine calls (run in worker threads) ----------------------------------------------
 
-    def _create(self, client: docker.DockerClient, job: Job) -> str:
+    def _create(self, client: docker.DockerClient, job: Job, cgroup_parent: str | None) -> str:
         api = client.api
         limits = job.limits
         now = time.time()
@@ -255,6 +269,7 @@ class DockerBackend:
             log_config=LogConfig(type="none"),
             oom_score_adj=500,
             runtime=self._settings.oci_runtime,
+            cgroup_parent=cgroup_parent,
         )
         try:
             created = api.create_container(
@@ -317,7 +332,11 @@ class DockerBackend:
 
     async def _api_client(self) -> docker.DockerClient:
         if self._client is None:
-            self._client = await self._call(connect, self._settings)
+            client = await self._call(connect, self._settings)
+            self._accounting = await self._call(_accounting_for, client)
+            self._client = client
+            if self._accounting is not None:
+                await self._call(self._accounting.sweep)
         return self._client
 
     def _require_client(self) -> docker.DockerClient:
@@ -341,6 +360,28 @@ class DockerBackend:
             raise EngineUnavailableError(f"lost the Docker engine ({exc}); {FIX_ENGINE}.") from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise BackendError(f"the Docker engine failed: {exc}") from exc
+
+
+def _accounting_for(client: docker.DockerClient) -> CgroupAccounting | None:
+    """Cgroup accounting when the engine runs on this host with a cgroup layout we know."""
+    info = client.info()
+    version = str(info.get("CgroupVersion", "1"))
+    driver = str(info.get("CgroupDriver", "cgroupfs"))
+    if version not in ("1", "2") or driver not in ("cgroupfs", "systemd") or not CGROUP_ROOT.is_dir():
+        return None
+    # A remote engine has its own cgroups; ours would not show its sandboxes.
+    if info.get("Name") != socket.gethostname() and not Path("/var/run/docker.sock").exists():
+        return None
+    return CgroupAccounting(version=int(version), driver=driver)
+
+
+def _with_limit_hit(usage: ResourceUsage, evidence: Evidence, limit_bytes: int) -> ResourceUsage:
+    """The limit sits on the container's own cgroup, so the parent's failure counter misses it:
+    a peak at the limit (within the kernel's per-cgroup overhead) or an OOM kill also means it was hit."""
+    at_limit = usage.peak_memory_bytes is not None and usage.peak_memory_bytes + 256 * 1024 >= limit_bytes
+    if usage.memory_limit_hit or not (at_limit or evidence.oom_killed):
+        return usage
+    return usage.model_copy(update={"memory_limit_hit": True})
 
 
 def _is_orphan(labels: dict[str, str], host: str, now: float) -> bool:
