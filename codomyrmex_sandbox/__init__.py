@@ -23,6 +23,7 @@ from codomyrmex_sandbox.errors import (
     LimitAboveCapError,
     RuntimeUnavailableError,
     SandboxError,
+    ServerBusyError,
     UnknownLanguageError,
 )
 from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, Limits, Status
@@ -45,6 +46,7 @@ __all__ = [
     "RuntimeUnavailableError",
     "Sandbox",
     "SandboxError",
+    "ServerBusyError",
     "Settings",
     "Status",
     "UnknownLanguageError",

@@ -9,6 +9,7 @@ requests, the OS) are translated at the backend boundary, so callers never catch
     │   └── UnknownLanguageError     no such runtime is enabled on this server
     ├── RuntimeUnavailableError      the runtime's image is missing or stale: build it
     ├── EngineUnavailableError       the isolation engine cannot be reached
+    ├── ServerBusyError              too many executions at once: retry later
     └── BackendError                 the engine failed while preparing or tearing down a sandbox
 
 A program that ran and failed (an exception, a timeout, the memory limit) is not an error:
@@ -59,6 +60,10 @@ class RuntimeUnavailableError(SandboxError):
 
 class EngineUnavailableError(SandboxError):
     """The isolation engine (for example the Docker daemon) cannot be reached."""
+
+
+class ServerBusyError(SandboxError):
+    """Every execution slot is taken and the queue is full or the wait ran out."""
 
 
 class BackendError(SandboxError):

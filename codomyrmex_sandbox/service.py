@@ -16,15 +16,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping
+from contextlib import AsyncExitStack
 from types import TracebackType
 from typing import Any, Self
 
 import anyio
 
-from codomyrmex_sandbox import audit
+from codomyrmex_sandbox.admission import Admission
+from codomyrmex_sandbox.audit import AuditLog
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
-from codomyrmex_sandbox.errors import InvalidRequestError, SandboxError
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, Limits, request_from_arguments
+from codomyrmex_sandbox.errors import InvalidRequestError, SandboxError, ServerBusyError
+from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request_from_arguments
 from codomyrmex_sandbox.output import OutputCallback
 from codomyrmex_sandbox.policy import check_payload, resolve_limits
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
@@ -32,13 +34,24 @@ from codomyrmex_sandbox.settings import Settings
 
 
 class Sandbox:
-    """Runs untrusted code in fresh sandboxes. Use as an async context manager."""
+    """Runs untrusted code in fresh sandboxes.
+
+    Use as an async context manager, entered and exited in the same task (it runs a background
+    task group for the backend's upkeep while open).
+    """
 
     def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None) -> None:
         self.settings = settings or Settings.load()
         self.runtimes: dict[str, RuntimeSpec] = load_runtimes(self.settings.runtimes_dir, self.settings.languages)
         self.backend: Backend = backend or create_backend(self.settings, self.runtimes)
+        self.admission = Admission(
+            self.settings.max_concurrent_executions,
+            self.settings.max_queued_executions,
+            self.settings.max_queue_wait_seconds,
+        )
+        self.audit = AuditLog(self.settings.audit_log_path)
         self._opened = False
+        self._stack: AsyncExitStack | None = None
 
     @property
     def languages(self) -> list[str]:
@@ -46,7 +59,16 @@ class Sandbox:
         return sorted(self.runtimes)
 
     async def __aenter__(self) -> Self:
-        await self.backend.open()
+        async with AsyncExitStack() as stack:
+            self.audit.open()
+            stack.callback(self.audit.close)
+            await self.backend.open()
+            stack.push_async_callback(self._close_backend)
+            # Background upkeep (the backend's reaper) lives as long as the Sandbox is open.
+            tasks = await stack.enter_async_context(anyio.create_task_group())
+            tasks.start_soon(self.backend.maintain)
+            stack.callback(tasks.cancel_scope.cancel)
+            self._stack = stack.pop_all()
         self._opened = True
         return self
 
@@ -60,10 +82,16 @@ class Sandbox:
 
     async def aclose(self) -> None:
         """Kill and remove every sandbox still running; safe to call twice."""
-        if self._opened:
-            self._opened = False
-            with anyio.CancelScope(shield=True):
-                await self.backend.aclose()
+        self._opened = False
+        stack, self._stack = self._stack, None
+        if stack is not None:
+            # Not under a new cancel scope: the stack holds a task group whose scope must be current
+            # when it exits. The backend's own close is shielded (see _close_backend).
+            await stack.aclose()
+
+    async def _close_backend(self) -> None:
+        with anyio.CancelScope(shield=True):
+            await self.backend.aclose()
 
     async def runtime_status(self) -> list[RuntimeStatus]:
         return [await self.backend.runtime_status(spec) for spec in self.runtimes.values()]
@@ -101,7 +129,7 @@ class Sandbox:
             request = request_from_arguments(arguments)
         except InvalidRequestError as exc:
             language = arguments.get("language")
-            audit.record_ended_without_result(
+            self.audit.ended_without_result(
                 uuid.uuid4().hex, str(language)[:40] if language else "python", "denied", client, reason=str(exc)
             )
             raise
@@ -118,26 +146,34 @@ class Sandbox:
         if not self._opened:
             raise SandboxError("the Sandbox is not open; use `async with Sandbox(...) as sandbox:`.")
         execution_id = uuid.uuid4().hex
+        language = request.language[:40]
         try:
             limits = resolve_limits(request, self.settings, self.languages)
             code, stdin = check_payload(request, self.settings)
         except InvalidRequestError as exc:
-            audit.record_ended_without_result(execution_id, request.language[:40], "denied", client, reason=str(exc))
+            self.audit.ended_without_result(execution_id, language, "denied", client, request=request, reason=str(exc))
             raise
         job = Job(execution_id, self.runtimes[request.language], code, stdin, limits, on_output)
-        audit.record_started(execution_id, request.language, code, limits, client)
-        return await self._run(job, limits, client)
+        try:
+            async with self.admission.slot():
+                self.audit.started(job, request, client)
+                return await self._run(job, request, client)
+        except ServerBusyError as exc:
+            self.audit.ended_without_result(execution_id, language, "busy", client, request=request, reason=str(exc))
+            raise
 
-    async def _run(self, job: Job, limits: Limits, client: str | None) -> ExecutionResult:
+    async def _run(self, job: Job, request: ExecutionRequest, client: str | None) -> ExecutionResult:
         try:
             result = await self.backend.execute(job)
         except anyio.get_cancelled_exc_class():
-            audit.record_ended_without_result(job.execution_id, job.runtime.name, "cancelled", client)
+            self.audit.ended_without_result(job.execution_id, job.runtime.name, "cancelled", client, request=request)
             raise
         except SandboxError as exc:
-            audit.record_ended_without_result(job.execution_id, job.runtime.name, "not_run", client, reason=str(exc))
+            self.audit.ended_without_result(
+                job.execution_id, job.runtime.name, "not_run", client, request=request, reason=str(exc)
+            )
             raise
-        audit.record_finished(result, limits, client)
+        self.audit.finished(result, request, job.limits, client)
         return result
 
 

@@ -7,6 +7,7 @@ point or by the caller of the Python API; nothing reads configuration at import 
 
 from __future__ import annotations
 
+import os
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -23,6 +24,17 @@ from codomyrmex_sandbox.errors import InvalidRequestError
 from codomyrmex_sandbox.models import MIB
 
 ENV_PREFIX = "CODOMYRMEX_SANDBOX_"
+
+
+def default_concurrency() -> int:
+    """Two sandboxes per core, fewer if memory for the default limit runs short; at least two."""
+    cores = os.cpu_count() or 2
+    try:
+        memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // MIB
+    except (ValueError, OSError):
+        memory_mb = 4096
+    return max(2, min(2 * cores, memory_mb // 512))
+
 
 _config_file: ContextVar[dict[str, Any] | None] = ContextVar("_config_file", default=None)
 
@@ -63,6 +75,17 @@ class Settings(BaseSettings):
     max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
     max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
     max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+
+    max_concurrent_executions: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default_factory=default_concurrency,
+        description="Executions running at once; default sized to the machine's cores and memory.",
+    )
+    max_queued_executions: Annotated[int, Field(ge=0, le=10_000)] = 16
+    max_queue_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    audit_log_path: Path | None = Field(
+        default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
+    )
+    reaper_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
 
     network: Literal["none"] = Field(
         default="none", description="Network mode of sandboxes; only none exists in this version."

@@ -53,6 +53,10 @@ class Backend(Protocol):
 
     async def execute(self, job: Job) -> ExecutionResult: ...
 
+    async def maintain(self) -> None:
+        """Background upkeep while open (e.g. reaping sandboxes whose kill was lost); runs until cancelled."""
+        ...
+
 
 def runner_header(nonce: str, code: bytes) -> bytes:
     """The first line the in-sandbox runner reads: magic, nonce, code length."""

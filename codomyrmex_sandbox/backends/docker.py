@@ -118,6 +118,21 @@ class DockerBackend:
         if removed:
             get_logger(LOGGER).info("orphans_removed", count=removed)
 
+    async def maintain(self) -> None:
+        """The reaper: every interval, remove project containers past their deadline (a lost kill,
+        a dead server) with the same rules as the startup sweep. Runs until cancelled."""
+        while True:
+            await anyio.sleep(self._settings.reaper_interval_seconds)
+            if self._client is None:
+                continue
+            try:
+                removed = await self._call(self._sweep_orphans)
+            except SandboxError as exc:
+                get_logger(LOGGER).warning("reaper_failed", error=str(exc))
+                continue
+            if removed:
+                get_logger(LOGGER).warning("reaper_removed", count=removed)
+
     async def aclose(self) -> None:
         """Kill and remove every container this backend started and has not removed yet."""
         with anyio.CancelScope(shield=True):

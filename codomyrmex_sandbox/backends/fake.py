@@ -86,6 +86,9 @@ class FakeBackend:
     async def aclose(self) -> None:
         self.closed = True
 
+    async def maintain(self) -> None:
+        await anyio.sleep_forever()
+
     async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus:
         if runtime.name in self._missing:
             return RuntimeStatus(runtime.name, ready=False, version=None, detail="missing (fake)")

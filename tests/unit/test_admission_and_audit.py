@@ -1,0 +1,100 @@
+"""Admission control bounds concurrent executions; the audit log records every one, as JSON lines."""
+
+from __future__ import annotations
+
+import json
+
+import anyio
+import pytest
+from anyio import wait_all_tasks_blocked
+
+from codomyrmex_sandbox import FakeBackend, FakeRun, InvalidRequestError, Sandbox, ServerBusyError, Settings
+
+
+def blocking_handler(started: list[anyio.Event], release: anyio.Event):
+    async def handler(run: FakeRun) -> int:
+        started.append(anyio.Event())
+        with anyio.fail_after(10):
+            await release.wait()
+        await run.write("done\n")
+        return 0
+
+    return handler
+
+
+async def test_calls_over_capacity_wait_in_the_queue_then_run():
+    release = anyio.Event()
+    started: list[anyio.Event] = []
+    backend = FakeBackend(blocking_handler(started, release))
+    settings = Settings.load(backend="fake", max_concurrent_executions=2, max_queued_executions=4)
+    results = []
+    async with Sandbox(settings, backend=backend) as sandbox:
+
+        async def call() -> None:
+            results.append(await sandbox.execute("x"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(4):
+                tg.start_soon(call)
+            await wait_all_tasks_blocked()  # every call is now running or queued
+            assert sandbox.admission.waiting == 2
+            assert backend.running == 2  # never more than the limit at once
+            release.set()
+    assert [r.status for r in results] == ["success"] * 4
+
+
+async def test_a_full_queue_fails_fast_with_a_message_saying_when_to_retry():
+    release = anyio.Event()
+    backend = FakeBackend(blocking_handler([], release))
+    settings = Settings.load(backend="fake", max_concurrent_executions=1, max_queued_executions=0)
+    async with Sandbox(settings, backend=backend) as sandbox, anyio.create_task_group() as tg:
+        tg.start_soon(sandbox.execute, "x")
+        await wait_all_tasks_blocked()
+        assert backend.running == 1
+        with anyio.fail_after(1), pytest.raises(ServerBusyError, match=r"busy: 1 executions are running .* retry in"):
+            await sandbox.execute("y")
+        release.set()
+
+
+async def test_a_queued_call_gives_up_after_the_maximum_wait():
+    release = anyio.Event()
+    backend = FakeBackend(blocking_handler([], release))
+    settings = Settings.load(
+        backend="fake", max_concurrent_executions=1, max_queued_executions=5, max_queue_wait_seconds=0.05
+    )
+    async with Sandbox(settings, backend=backend) as sandbox, anyio.create_task_group() as tg:
+        tg.start_soon(sandbox.execute, "x")
+        await wait_all_tasks_blocked()
+        assert backend.running == 1
+        with pytest.raises(ServerBusyError, match=r"no slot freed up within 0\.05 s"):
+            await sandbox.execute("y")
+        assert sandbox.admission.waiting == 0
+        release.set()
+
+
+async def test_the_audit_log_file_gets_one_json_line_per_event_and_never_the_code(tmp_path):
+    path = tmp_path / "audit" / "audit.jsonl"
+
+    async def greets(run: FakeRun) -> int:
+        await run.write("hi\n")
+        return 0
+
+    settings = Settings.load(backend="fake", audit_log_path=path)
+    async with Sandbox(settings, backend=FakeBackend(greets)) as sandbox:
+        result = await sandbox.execute("print('hi')  # secret-ish", client="agent 2.0", timeout_seconds=5)
+        with pytest.raises(InvalidRequestError):
+            await sandbox.execute("x", timeout_seconds=999)
+    lines = path.read_text().splitlines()
+    records = [json.loads(line) for line in lines]  # every line parses
+    assert [r["event"] for r in records] == ["audit.execution_started", "audit.execution", "audit.execution"]
+    started, finished, denied = records
+    assert started["execution_id"] == finished["execution_id"] == result.execution_id
+    assert started["client"] == "agent 2.0"
+    assert started["requested"] == {"timeout_seconds": 5, "memory_mb": None}
+    assert started["limits"]["timeout_seconds"] == 5
+    assert finished["status"] == "success"
+    assert finished["stdout_bytes"] == 3
+    assert denied["status"] == "denied"
+    assert "cap of 300" in denied["reason"]
+    assert all(r["schema"] == 1 and r["time"] for r in records)
+    assert "secret-ish" not in path.read_text()
