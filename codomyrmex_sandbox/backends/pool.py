@@ -1,0 +1,119 @@
+"""A warm pool of single-use sandboxes, started ahead of demand.
+
+Each member is a sandbox whose runtime is already loaded and waiting for code on its stdin. A call
+takes one (never waiting for it: an empty pool means a cold start, not a queue), and the member is
+destroyed after that one use, so nothing can leak from one execution to the next. The pool refills
+in the background, recycles members older than ``max_age``, backs off while the engine fails, and
+destroys its idle members on close. It is generic over the member type, so the refill and recycle
+rules are tested without an engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+import anyio
+
+from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.logs import get_logger
+
+M = TypeVar("M")
+LOGGER = "codomyrmex_sandbox.pool"
+MAX_BACKOFF_SECONDS = 60.0
+
+
+@dataclass(frozen=True)
+class _Idle(Generic[M]):
+    member: M
+    born: float
+
+
+class WarmPool(Generic[M]):
+    """Keeps ``sizes[language]`` idle members per language; see the module docstring."""
+
+    def __init__(
+        self,
+        sizes: dict[str, int],
+        max_age: float,
+        create: Callable[[str], Awaitable[M]],
+        destroy: Callable[[M], Awaitable[None]],
+    ) -> None:
+        self.sizes = {language: size for language, size in sizes.items() if size > 0}
+        self.max_age = max_age
+        self._create = create
+        self._destroy = destroy
+        self._idle: dict[str, deque[_Idle[M]]] = {language: deque() for language in self.sizes}
+        self._wake = {language: anyio.Event() for language in self.sizes}
+        self._closed = False
+        self.taken = 0
+        self.missed = 0
+
+    def idle(self, language: str) -> int:
+        return len(self._idle.get(language, ()))
+
+    def take(self, language: str) -> M | None:
+        """A fresh idle member, or None (the caller starts a sandbox cold). Never waits."""
+        queue = self._idle.get(language)
+        now = time.monotonic()
+        while queue:
+            idle = queue.popleft()
+            if now - idle.born < self.max_age:
+                self.taken += 1
+                self._wake[language].set()
+                return idle.member
+            queue.appendleft(idle)  # too old: the refill loop recycles it
+            break
+        if language in self.sizes:
+            self.missed += 1
+            self._wake[language].set()
+        return None
+
+    async def run(self) -> None:
+        """Fill and recycle until cancelled: one task per language, so a slow image delays no other."""
+        async with anyio.create_task_group() as tg:
+            for language in self.sizes:
+                tg.start_soon(self._keep_filled, language)
+
+    async def _keep_filled(self, language: str) -> None:
+        backoff = 0.0
+        queue = self._idle[language]
+        while not self._closed:
+            await self._recycle_old(queue)
+            if len(queue) < self.sizes[language]:
+                try:
+                    member = await self._create(language)
+                except SandboxError as exc:
+                    backoff = min(MAX_BACKOFF_SECONDS, max(1.0, backoff * 2))
+                    get_logger(LOGGER).warning(
+                        "pool_refill_failed", language=language, error=str(exc), retry_in=backoff
+                    )
+                    await anyio.sleep(backoff)
+                    continue
+                backoff = 0.0
+                if self._closed:
+                    await self._destroy(member)
+                    return
+                queue.append(_Idle(member, time.monotonic()))
+                continue
+            # Full: sleep until a member is taken, or until the oldest one is due for recycling.
+            wake = self._wake[language] = anyio.Event()
+            oldest = queue[0].born if queue else time.monotonic()
+            with anyio.move_on_after(max(0.05, oldest + self.max_age - time.monotonic())):
+                await wake.wait()
+
+    async def _recycle_old(self, queue: deque[_Idle[M]]) -> None:
+        now = time.monotonic()
+        while queue and now - queue[0].born >= self.max_age:
+            await self._destroy(queue.popleft().member)
+
+    async def aclose(self) -> None:
+        """Destroy every idle member; members already taken belong to their executions."""
+        self._closed = True
+        with anyio.CancelScope(shield=True):
+            for queue in self._idle.values():
+                while queue:
+                    await self._destroy(queue.popleft().member)
