@@ -4,13 +4,15 @@ Nothing here skips. An engine that does not answer, or a runtime image that is m
 test with the command that fixes it: CI always has Docker, so a silent skip would hide a broken
 pipeline. After every test, no sandbox container started by these tests may remain.
 
-Clients are opened inside the tests (``async with in_process() as mcp:``), not in async fixtures:
-pytest-asyncio sets a fixture up and tears it down in different tasks, and the MCP client holds
-anyio task groups that must be entered and exited by the same task.
+pytest-asyncio sets a fixture up and tears it down in different tasks, while the MCP client and the
+`Sandbox` hold anyio task groups that one task must enter and exit. So clients are opened inside
+the tests (``async with in_process() as mcp:``), and the `sandbox` fixture's Sandbox is owned by a
+task of its own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
@@ -63,13 +65,13 @@ def console_script() -> str:
 
 
 def server_environment(**extra: str) -> dict[str, str]:
-    """What a server started by a test needs: PATH, the engine's address, the operator's settings."""
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
-    for name, value in os.environ.items():
-        if name.startswith(("CODOMYRMEX_SANDBOX_", "DOCKER_")):
-            env[name] = value
-    env.update(extra)
-    return env
+    """What a server started by a test needs: PATH, the engine's address, the operator's settings.
+
+    PYTHONPATH too, so that a server started by a test runs the same code as the test process.
+    """
+    wanted = ("CODOMYRMEX_SANDBOX_", "DOCKER_", "PYTHONPATH")
+    passed = {name: value for name, value in os.environ.items() if name.startswith(wanted)}
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **passed, **extra}
 
 
 @dataclass
@@ -105,41 +107,43 @@ class Engine:
         except docker.errors.APIError:  # not running (yet, or any more)
             return 0
 
-    async def wait_until_running(self, owner: int, *, timeout: float = 20.0) -> dict[str, Any]:
-        """The first running sandbox container of ``owner``; fails after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
+    async def wait_until_running(self, owner: int, *, within: float = 20.0) -> dict[str, Any]:
+        """The first running sandbox container of ``owner``; fails after ``within`` seconds."""
+        deadline = time.monotonic() + within
         while True:
             found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
             if found:
                 return found[0]
             if time.monotonic() > deadline:
-                pytest.fail(f"no sandbox container of pid {owner} was running within {timeout} s")
+                pytest.fail(f"no sandbox container of pid {owner} was running within {within} s")
             await anyio.sleep(0.02)
 
-    async def wait_until_gone(self, owner: int, *, timeout: float = LEFTOVER_DEADLINE) -> float:
-        """Seconds until ``owner`` has no sandbox container left; fails after ``timeout`` seconds."""
+    async def wait_until_gone(self, owner: int, *, within: float = LEFTOVER_DEADLINE) -> float:
+        """Seconds until ``owner`` has no sandbox container left; fails after ``within`` seconds."""
         start = time.monotonic()
         while True:
             found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}))
             if not found:
                 return time.monotonic() - start
-            if time.monotonic() - start > timeout:
-                pytest.fail(f"sandbox containers still exist {timeout} s later: {describe(found)}")
+            if time.monotonic() - start > within:
+                pytest.fail(f"sandbox containers still exist {within} s later: {describe(found)}")
             await anyio.sleep(0.02)
 
-    async def wait_for_processes(self, container_id: str, at_least: int, *, timeout: float = 20.0) -> int:
-        deadline = time.monotonic() + timeout
+    async def wait_for_processes(self, container_id: str, at_least: int, *, within: float = 20.0) -> int:
+        deadline = time.monotonic() + within
         while True:
             count = await anyio.to_thread.run_sync(self.process_count, container_id)
             if count >= at_least:
                 return count
             if time.monotonic() > deadline:
-                pytest.fail(f"the sandbox never had {at_least} processes within {timeout} s (last seen: {count})")
+                pytest.fail(f"the sandbox never had {at_least} processes within {within} s (last seen: {count})")
             await anyio.sleep(0.02)
 
 
 def describe(containers: list[dict[str, Any]]) -> str:
-    return ", ".join(f"{c['Id'][:12]} ({c.get('State')}, {(c.get('Labels') or {}).get(EXECUTION_ID)})" for c in containers)
+    return ", ".join(
+        f"{c['Id'][:12]} ({c.get('State')}, {(c.get('Labels') or {}).get(EXECUTION_ID)})" for c in containers
+    )
 
 
 @pytest.fixture(scope="session")
@@ -188,15 +192,45 @@ def no_sandbox_left_behind(engine: Engine) -> Iterator[None]:
 
 
 @pytest.fixture
+def server_script() -> str:
+    """The path of the venv's ``codomyrmex-sandbox`` console script."""
+    return console_script()
+
+
+@pytest.fixture
+def server_env() -> dict[str, str]:
+    """The variables a server started by a test needs (PATH, the engine's address, operator settings)."""
+    return server_environment()
+
+
+@pytest.fixture
 def canary() -> str:
     return f"canary-{secrets.token_hex(12)}"
 
 
 @pytest.fixture
 async def sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
-    """An opened `Sandbox` on the Docker backend (the Python API)."""
-    async with Sandbox(settings) as opened:
-        yield opened
+    """An opened `Sandbox` on the Docker backend (the Python API).
+
+    A Sandbox must be entered and exited by one task (it holds a task group for its upkeep), and
+    pytest-asyncio sets a fixture up and tears it down in different tasks: a task of its own owns it.
+    """
+    opened: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
+    close = asyncio.Event()
+
+    async def own() -> None:
+        async with Sandbox(settings) as entered:
+            opened.set_result(entered)
+            await close.wait()
+
+    owner = asyncio.create_task(own(), name="sandbox-owner")
+    await asyncio.wait({owner, opened}, return_when=asyncio.FIRST_COMPLETED)
+    if not opened.done():
+        owner.result()  # opening failed: raise why
+        pytest.fail("the Sandbox's owner task ended without opening it")
+    yield opened.result()
+    close.set()
+    await owner
 
 
 @dataclass
@@ -207,11 +241,11 @@ class Connection:
     owner_pid: int
     transport: str
 
-    async def call(self, arguments: dict[str, Any], **options: Any) -> CallToolResult:  # noqa: ANN401
+    async def call(self, arguments: dict[str, Any], **options: Any) -> CallToolResult:
         with anyio.fail_after(CALL_DEADLINE):
             return await self.client.call_tool(TOOL, arguments, **options)
 
-    async def run(self, code: str, **arguments: Any) -> dict[str, Any]:  # noqa: ANN401
+    async def run(self, code: str, **arguments: Any) -> dict[str, Any]:
         """Call execute_code and return its structured result, which must be a normal (not isError) result."""
         result = await self.call({"code": code, **arguments})
         text = " ".join(getattr(part, "text", "") for part in result.content)

@@ -197,7 +197,8 @@ async def test_the_servers_environment_does_not_reach_the_sandbox(connect, canar
 
 
 async def test_there_is_no_engine_socket_in_the_sandbox(sandbox: Sandbox):
-    code = "import os\nfor p in ['/var/run/docker.sock', '/run/docker.sock', '/run/containerd']:\n    print(os.path.exists(p))"
+    paths = ["/var/run/docker.sock", "/run/docker.sock", "/run/containerd"]
+    code = f"import os\nfor p in {paths!r}:\n    print(os.path.exists(p))"
     result = await sandbox.execute(code, timeout_seconds=QUICK)
 
     assert result.stdout == "False\nFalse\nFalse\n"

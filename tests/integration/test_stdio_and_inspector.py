@@ -1,0 +1,174 @@
+"""The console script as clients use it: MCP over stdio, ``run`` on the command line, and a third-party client."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+pytestmark = pytest.mark.docker
+
+QUICK = 10.0
+NPX_TIMEOUT = 180.0  # the first run downloads the Inspector from the npm registry
+CONTRACT_FIELDS = {
+    "execution_id",
+    "status",
+    "exit_code",
+    "signal",
+    "stdout",
+    "stderr",
+    "stdout_truncated",
+    "stderr_truncated",
+    "return_value",
+    "duration_ms",
+    "language",
+    "runtime",
+}
+STATUSES = {"success", "error", "timeout", "memory_limit", "output_limit", "killed", "cancelled"}
+
+
+def resolve(schema: dict, node: dict) -> dict:
+    """Follow a local ``$ref`` (``#/$defs/Name``) in ``schema``."""
+    ref = node.get("$ref")
+    if ref is None:
+        return node
+    target = schema
+    for part in ref.removeprefix("#/").split("/"):
+        target = target[part]
+    return target
+
+
+# -- MCP over stdio -----------------------------------------------------------------------------
+
+
+async def test_tools_list_describes_execute_code_with_its_bounds(stdio, settings):
+    async with stdio() as mcp:
+        listing = await mcp.client.list_tools()
+
+    tools = {tool.name: tool.model_dump(by_alias=True, exclude_none=True) for tool in listing.tools}
+    assert "execute_code" in tools
+    tool = tools["execute_code"]
+    assert tool["description"]
+
+    schema = tool["inputSchema"]
+    assert schema["type"] == "object"
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["code"]
+    properties = schema["properties"]
+    assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb"}
+    assert {"python", "javascript", "bash"} <= set(properties["language"]["enum"])
+    assert properties["code"]["maxLength"] == settings.max_code_bytes
+    assert properties["timeout_seconds"]["maximum"] == settings.max_timeout_seconds == 300
+    assert properties["memory_mb"]["maximum"] == settings.max_memory_mb == 2048
+    assert properties["memory_mb"]["minimum"] == 16
+
+
+async def test_tools_list_has_an_output_schema_with_every_contract_field(stdio):
+    async with stdio() as mcp:
+        listing = await mcp.client.list_tools()
+
+    tool = next(t for t in listing.tools if t.name == "execute_code").model_dump(by_alias=True, exclude_none=True)
+    output = tool["outputSchema"]
+    assert output["type"] == "object"
+    assert set(output["properties"]) >= CONTRACT_FIELDS
+    assert set(resolve(output, output["properties"]["status"])["enum"]) == STATUSES
+
+
+async def test_tools_list_annotations_say_it_is_not_read_only_and_closed_world(stdio):
+    async with stdio() as mcp:
+        listing = await mcp.client.list_tools()
+
+    tool = next(t for t in listing.tools if t.name == "execute_code").model_dump(by_alias=True, exclude_none=True)
+    annotations = tool["annotations"]
+    assert annotations["readOnlyHint"] is False
+    assert annotations["openWorldHint"] is False
+
+
+async def test_a_call_over_stdio_runs_the_code(stdio):
+    async with stdio() as mcp:
+        result = await mcp.run("print(6 * 7)\n6 * 7", timeout_seconds=QUICK)
+
+    assert result["status"] == "success"
+    assert result["stdout"] == "42\n"
+    assert result["return_value"] == "42"
+
+
+async def test_an_invalid_call_over_stdio_is_an_error_result_and_the_server_keeps_serving(stdio):
+    async with stdio() as mcp:
+        rejected = await mcp.call({"code": "print(1)", "timeout_seconds": 301})
+        after = await mcp.run("print('ok')", timeout_seconds=QUICK)
+
+    assert rejected.is_error is True
+    assert "300" in rejected.content[0].text
+    assert after["stdout"] == "ok\n"
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "options", "exit_status", "status"),
+    [
+        pytest.param("print(1)", [], 0, "success", id="success"),
+        pytest.param("import sys\nsys.exit(3)", [], 3, "error", id="exit-3"),
+        pytest.param("while True:\n    pass", ["--timeout", "1"], 124, "timeout", id="timeout"),
+    ],
+)
+def test_cli_run_exit_status_mirrors_the_result(run_cli, code, options, exit_status, status):
+    completed = run_cli(["run", "-", "--json", *options], stdin=code)
+
+    assert completed.returncode == exit_status, completed.stderr
+    result = json.loads(completed.stdout)
+    assert result["status"] == status
+    assert set(result) >= CONTRACT_FIELDS
+
+
+def test_cli_run_prints_the_programs_output_in_json(run_cli):
+    completed = run_cli(["run", "-", "--json"], stdin="print('hello')\n")
+
+    assert json.loads(completed.stdout)["stdout"] == "hello\n"
+
+
+def test_cli_run_with_an_unknown_language_says_so_and_exits_two(run_cli):
+    completed = run_cli(["run", "-", "--json", "--language", "cobol"], stdin="print(1)")
+
+    assert completed.returncode == 2
+    assert "cobol" in completed.stderr
+    assert completed.stdout == ""
+
+
+# -- a third-party client: the MCP Inspector ----------------------------------------------------
+
+
+def test_the_mcp_inspector_cli_calls_execute_code(engine, server_script, server_env):
+    npx = shutil.which("npx")
+    if npx is None:
+        pytest.fail("npx is not installed; the MCP Inspector test needs Node.js and npm (e.g. `apt-get install npm`)")
+    command = [
+        npx,
+        "-y",
+        "@modelcontextprotocol/inspector",
+        "--cli",
+        server_script,
+        "serve",
+        "--method",
+        "tools/call",
+        "--tool-name",
+        "execute_code",
+        "--tool-arg",
+        "code=print(6*7)",
+    ]
+    env = {**os.environ, **server_env}  # npm needs its own environment (HOME, caches), not only PATH
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=NPX_TIMEOUT, env=env, check=False)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    output = json.loads(completed.stdout)
+    assert output["isError"] is False
+    structured = output["structuredContent"]
+    assert structured["status"] == "success"
+    assert structured["stdout"] == "42\n"
+    assert "42" in output["content"][0]["text"]
+    assert engine.for_execution(structured["execution_id"]) == []
