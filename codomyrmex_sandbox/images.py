@@ -125,7 +125,17 @@ def _build_one(
             return version
     stage = f"{settings.image_prefix}-{spec.name}:build-{spec.digest}"
     report(f"{spec.name}: building {image}")
-    for event in client.api.build(path=str(spec.directory), tag=stage, rm=True, forcerm=True, pull=False, decode=True):
+    # The context is the runtimes folder, so that every recipe can copy the shared files.
+    events = client.api.build(
+        path=str(spec.directory.parent),
+        dockerfile=f"{spec.name}/Dockerfile",
+        tag=stage,
+        rm=True,
+        forcerm=True,
+        pull=False,
+        decode=True,
+    )
+    for event in events:
         _report_build_event(spec.name, event, report)
     version = _ask_version(client, stage, spec)
     labelled = f'FROM {stage}\nLABEL {VERSION_LABEL}="{version}" {LABEL_PREFIX}.runtime="{spec.name}"\n'

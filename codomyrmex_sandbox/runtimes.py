@@ -6,9 +6,12 @@ A descriptor (``runtime.toml``) says how to run code in the image and how to ask
     command = ["python3", "-I", "/opt/codomyrmex/runner.py"]
     version_command = ["python3", "-c", "import platform; print('python', platform.python_version())"]
 
-The image tag carries a hash of the folder's files, so an edited recipe makes a stale image
-visible (``doctor`` says so, and ``runtimes build`` rebuilds it). Adding a language means adding
-a folder; no code here changes.
+``runtimes/_shared/`` holds what every image builds in (the seccomp guard); it has no
+descriptor, so it is not a runtime. Images are built with ``runtimes/`` as the context.
+
+The image tag carries a hash of the folder's files and of ``_shared``'s, so an edited recipe makes
+a stale image visible (``doctor`` says so, and ``runtimes build`` rebuilds it). Adding a language
+means adding a folder; no code here changes.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from codomyrmex_sandbox.errors import InvalidRequestError
 LABEL_PREFIX = "io.codomyrmex.sandbox"
 VERSION_LABEL = f"{LABEL_PREFIX}.runtime-version"
 _NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+SHARED = "_shared"  # files that every runtime image builds in; part of every image's digest
 
 
 @dataclass(frozen=True)
@@ -88,16 +92,20 @@ def _load_one(descriptor: Path) -> RuntimeSpec:
         directory=descriptor.parent,
         command=command,
         version_command=version_command,
-        digest=_digest(descriptor.parent),
+        digest=_digest(descriptor.parent, descriptor.parent.parent / SHARED),
     )
 
 
-def _digest(directory: Path) -> str:
-    """A short hash of the recipe: file names and contents, in a stable order."""
+def _digest(*directories: Path) -> str:
+    """A short hash of the recipe's folders: file names and contents, in a stable order."""
     digest = hashlib.sha256()
-    for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
-        digest.update(path.relative_to(directory).as_posix().encode())
-        digest.update(b"\0")
-        digest.update(path.read_bytes())
-        digest.update(b"\0")
+    for directory in directories:
+        if not directory.is_dir():
+            continue
+        for path in sorted(p for p in directory.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+            # Named from the runtimes root ("python/runner.py", "_shared/..."), so no two collide.
+            digest.update(path.relative_to(directory.parent).as_posix().encode())
+            digest.update(b"\0")
+            digest.update(path.read_bytes())
+            digest.update(b"\0")
     return digest.hexdigest()[:16]

@@ -5,9 +5,10 @@
 IFS=' ' read -r magic nonce length || exit 125
 [ "$magic" = CODOMYRMEX1 ] || exit 125
 head -c "$length" > /sandbox/main.sh || exit 125
-# Report a deliberate exit status out of band, so that `exit 137` is not taken for a SIGKILL.
-# The nonce is an argument, never part of printf's format: a leading digit would read as octal.
-trap "printf '\\0%s:exit=%d\\0' '${nonce}' \"\$?\"" EXIT
+# Report a deliberate exit status out of band, on stdout and stderr, so that `exit 137` is not
+# taken for a SIGKILL and the host knows both streams are complete. The nonce is an argument,
+# never part of printf's format: a leading digit would read as octal.
+trap "__rc=\$?; printf '\\0%s:exit=%d\\0' '${nonce}' \"\$__rc\"; printf '\\0%s:exit=%d\\0' '${nonce}' \"\$__rc\" >&2" EXIT
 unset magic nonce length
 BASH_ARGV0=main.sh
 source /sandbox/main.sh

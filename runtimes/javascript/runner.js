@@ -39,9 +39,21 @@ const [nonce, length] = readHeader();
 const source = readExact(length);
 const file = path.join('/sandbox', 'main.js');
 fs.writeFileSync(file, source);
-// Report a deliberate exit status out of band, so that process.exit(137) is not taken for a SIGKILL.
+// Report a deliberate exit status out of band, on stdout and stderr, so that process.exit(137) is
+// not taken for a SIGKILL and the host knows both streams are complete. Pipes are synchronous on
+// Linux, so everything the program wrote before is already on its way.
 process.on('exit', (code) => {
-  try { fs.writeSync(1, `\0${nonce}:exit=${code}\0`); } catch (e) { /* stdout closed */ }
+  for (const fd of [1, 2]) {
+    try { fs.writeSync(fd, `\0${nonce}:exit=${code}\0`); } catch (e) { /* stream closed */ }
+  }
+});
+// Node prints an uncaught error through buffered C stdio, after the 'exit' handlers: print it
+// here instead, synchronously, as Node would, so it lands before the exit trailers. Unhandled
+// promise rejections arrive here too (Node's default 'throw' mode).
+process.on('uncaughtException', (err) => {
+  const text = err instanceof Error && err.stack ? err.stack : `Uncaught ${require('util').inspect(err)}`;
+  try { fs.writeSync(2, `${text}\n\nNode.js ${process.version}\n`); } catch (e) { /* stream closed */ }
+  process.exit(1);
 });
 process.argv = [process.argv[0], file];
 require(file);

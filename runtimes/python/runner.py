@@ -3,15 +3,19 @@
 # and leaves the rest of stdin to the program. It runs the code as a script named main.py and,
 # when the last statement is an expression, reports repr() of its value out of band: a trailer
 # "\0<nonce>:rv=<base64>\0" on fd 1, which the host strips from stdout. It also reports a
-# deliberate exit status ("\0<nonce>:exit=<n>\0") so that sys.exit(137) is not mistaken for a
-# SIGKILL. The nonce is fresh per execution; only this process knows it.
+# deliberate exit status ("\0<nonce>:exit=<n>\0") on fd 1 and fd 2, as the very last thing the
+# program does (after its threads and its own atexit handlers), so that sys.exit(137) is not
+# mistaken for a SIGKILL and the host knows both streams are complete without waiting for the
+# sandbox to be torn down. The nonce is fresh per execution; only this process knows it.
 # The runner imports what it needs before reading the code: in a warm pool that cost is paid
 # while the sandbox waits, not while the caller does.
 import ast
+import atexit
 import linecache
 import os
 import sys
 import traceback
+import types
 
 MAX_REPR = 65536
 
@@ -40,11 +44,23 @@ def read_header():
     return nonce, int(length)
 
 
-def trailer(nonce, key, value):
+def trailer(nonce, key, value, fds=(1,)):
+    for fd in fds:
+        try:
+            os.write(fd, b"\0" + nonce.encode() + b":" + key + b"=" + value + b"\0")
+        except OSError:
+            pass
+
+
+def report_exit(nonce, outcome):
+    # Registered before the program runs, so it runs after the program's own atexit handlers,
+    # and after Python has waited for the program's non-daemon threads.
     try:
-        os.write(1, b"\0" + nonce.encode() + b":" + key + b"=" + value + b"\0")
-    except OSError:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except Exception:
         pass
+    trailer(nonce, b"exit", str(outcome.get("status", 1)).encode(), fds=(1, 2))
 
 
 def main():
@@ -57,20 +73,20 @@ def main():
         sys.stderr.reconfigure(line_buffering=True)
     except AttributeError:
         pass
-    status = run(source, nonce)
-    try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except Exception:
-        pass
-    trailer(nonce, b"exit", str(status).encode())
+    outcome = {}
+    atexit.register(report_exit, nonce, outcome)
+    outcome["status"] = status = run(source, nonce)
     return status
 
 
 def run(source, nonce):
     text = source.decode("utf-8", "replace")
     linecache.cache["main.py"] = (len(text), None, text.splitlines(True), "main.py")
-    globals_ = {"__name__": "__main__", "__file__": "main.py", "__builtins__": __builtins__}
+    # The program gets a real __main__ module, so that pickle (multiprocessing) finds its functions.
+    main_module = types.ModuleType("__main__")
+    main_module.__file__ = "main.py"
+    sys.modules["__main__"] = main_module
+    globals_ = main_module.__dict__
     try:
         tree = ast.parse(text, "main.py")
         last = None
