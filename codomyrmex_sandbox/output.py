@@ -44,30 +44,41 @@ class _Stream:
 
 
 class OutputCollector:
-    """Accumulates one execution's output. Not thread-safe: feed it from one task."""
+    """Accumulates one execution's output. Not thread-safe: feed it from one task.
+
+    The runner ends each stream with an exit trailer once the program is over; `runner_done`
+    turns true when both have arrived, so everything the program wrote before exiting has been
+    received (each stream is first-in first-out) and the sandbox need not be waited for.
+    Only stdout's trailers carry values (the return value, the exit status).
+    """
 
     def __init__(self, cap: int, nonce: str, on_output: OutputCallback | None = None) -> None:
         self._streams: dict[StreamName, _Stream] = {"stdout": _Stream(cap), "stderr": _Stream(cap)}
         self._marker = b"\x00" + nonce.encode("ascii") + b":"
-        self._pending = b""  # stdout bytes held back because they may start a trailer
+        # Bytes held back per stream because they may start a trailer split across chunks.
+        self._pending: dict[StreamName, bytes] = {"stdout": b"", "stderr": b""}
         self._on_output = on_output
         self.trailers: dict[str, bytes] = {}
+        self.stderr_exit: bytes | None = None
 
     @property
     def over_cap(self) -> bool:
         """True once either stream passed the cap: the sandbox must be killed."""
         return any(s.truncated for s in self._streams.values())
 
+    @property
+    def runner_done(self) -> bool:
+        """Both streams carried the runner's exit trailer, with the same status."""
+        return self.stderr_exit is not None and self.trailers.get("exit") == self.stderr_exit
+
     async def feed(self, stream: StreamName, chunk: bytes) -> None:
-        if stream == "stdout":
-            chunk = self._strip_trailers(chunk)
-        await self._keep(stream, chunk)
+        await self._keep(stream, self._strip_trailers(stream, chunk))
 
     async def finish(self) -> None:
         """The streams ended: release held-back bytes (a trailer that never closed is output)."""
-        held, self._pending = self._pending, b""
-        await self._keep("stdout", held)
         for name, stream in self._streams.items():
+            held, self._pending[name] = self._pending[name], b""
+            await self._keep(name, held)
             tail = stream.decoder.decode(b"", final=True)
             if tail and self._on_output is not None:
                 await self._on_output(name, sanitize(tail))
@@ -108,8 +119,8 @@ class OutputCollector:
             if text:
                 await self._on_output(stream, sanitize(text))
 
-    def _strip_trailers(self, chunk: bytes) -> bytes:
-        buf = self._pending + chunk
+    def _strip_trailers(self, stream: StreamName, chunk: bytes) -> bytes:
+        buf = self._pending[stream] + chunk
         out = bytearray()
         while True:
             start = buf.find(self._marker)
@@ -117,7 +128,7 @@ class OutputCollector:
                 # Hold back a tail that could be the beginning of a marker split across chunks.
                 keep = _partial_prefix(buf, self._marker)
                 out += buf[: len(buf) - keep]
-                self._pending = buf[len(buf) - keep :]
+                self._pending[stream] = buf[len(buf) - keep :]
                 return bytes(out)
             end = buf.find(b"\x00", start + len(self._marker))
             if end < 0:
@@ -126,16 +137,25 @@ class OutputCollector:
                     buf = buf[start + 1 :]
                     continue
                 out += buf[:start]
-                self._pending = buf[start:]
+                self._pending[stream] = buf[start:]
                 return bytes(out)
             out += buf[:start]
             body = buf[start + len(self._marker) : end]
-            key, sep, value = body.partition(b"=")
-            if sep and key in (b"rv", b"exit"):
-                self.trailers[key.decode()] = value
-            else:  # looks like a marker but is not a trailer: leave the bytes in the output
+            if not self._record(stream, body):  # looks like a marker but is not a trailer: keep it
                 out += buf[start : end + 1]
             buf = buf[end + 1 :]
+
+    def _record(self, stream: StreamName, body: bytes) -> bool:
+        key, sep, value = body.partition(b"=")
+        if not sep:
+            return False
+        if stream == "stdout" and key in (b"rv", b"exit"):
+            self.trailers[key.decode()] = value
+            return True
+        if stream == "stderr" and key == b"exit":
+            self.stderr_exit = value
+            return True
+        return False
 
 
 def _partial_prefix(buf: bytes, marker: bytes) -> int:

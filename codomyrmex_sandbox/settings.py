@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
     )
     reaper_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    pool_size: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=2, description="Sandboxes kept started ahead of demand per language; 0 disables the pool."
+    )
+    pool_max_age_seconds: Annotated[float, Field(gt=0, le=86_400)] = Field(
+        default=300.0, description="Idle pool members older than this are replaced."
+    )
 
     network: Literal["none"] = Field(
         default="none", description="Network mode of sandboxes; only none exists in this version."

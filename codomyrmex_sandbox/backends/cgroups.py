@@ -81,6 +81,21 @@ class CgroupAccounting:
             oom_kills=oom_kills,
         )
 
+    def oom_kills(self, parent: str, container_id: str) -> int | None:
+        """OOM kills so far in one container under ``parent``, while it still exists; None if unreadable.
+
+        On v2 the parent's ``memory.events`` is hierarchical; on v1 the count lives in the
+        container's own memory cgroup (where its limit is), which the engine names by its id.
+        """
+        try:
+            if self.version == 2:  # noqa: PLR2004
+                return _keyed(_read(self._directories(parent)["unified"] / "memory.events")).get("oom_kill", 0)
+            leaf = f"docker-{container_id}.scope" if self.driver == "systemd" else container_id
+            control = self._directories(parent)["memory"] / leaf / "memory.oom_control"
+            return _keyed(_read(control)).get("oom_kill", 0)
+        except (OSError, ValueError, KeyError):
+            return None
+
     def remove(self, parent: str) -> None:
         """Remove the parent's (now empty) directories in every controller."""
         if self.driver == "systemd":

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import os
 import secrets
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
@@ -28,7 +30,7 @@ import anyio.to_thread
 import docker
 import docker.errors
 import requests.exceptions
-from anyio.streams.memory import MemoryObjectSendStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from docker.types import LogConfig, Ulimit
 from docker.utils.socket import frames_iter
 
@@ -40,6 +42,7 @@ from codomyrmex_sandbox.backends.base import (
     runner_header,
 )
 from codomyrmex_sandbox.backends.cgroups import CGROUP_ROOT, CgroupAccounting
+from codomyrmex_sandbox.backends.pool import WarmPool
 from codomyrmex_sandbox.errors import (
     BackendError,
     EngineUnavailableError,
@@ -47,8 +50,9 @@ from codomyrmex_sandbox.errors import (
     SandboxError,
 )
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import MIB, ExecutionResult, ResourceUsage
+from codomyrmex_sandbox.models import MIB, ExecutionRequest, ExecutionResult, Limits, ResourceUsage
 from codomyrmex_sandbox.output import OutputCollector, StreamName
+from codomyrmex_sandbox.policy import resolve_limits
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
 
@@ -65,6 +69,9 @@ LABEL_PID = f"{LABEL_PREFIX}.owner-pid"
 
 WORKDIR = "/sandbox"
 SANDBOX_USER = "65534:65534"
+# Every sandbox starts through this program (runtimes/_shared/seccomp_guard.c): it installs the
+# project's seccomp filter, stacked on the engine's default profile, then runs the command.
+SECCOMP_GUARD = "/opt/codomyrmex/seccomp-guard"
 _STREAMS: dict[int, StreamName] = {1: "stdout", 2: "stderr"}
 FIX_ENGINE = (
     "start the Docker engine (for example `sudo systemctl start docker`, or `sudo dockerd &`), "
@@ -85,6 +92,17 @@ def connect(settings: Settings) -> docker.DockerClient:
     return client
 
 
+@dataclass(frozen=True)
+class _Box:
+    """A created, attached and started sandbox whose runner waits for code on its stdin."""
+
+    cid: str
+    sock: Any  # docker-py's socket wrapper for the attach stream; None until attached
+    runtime: RuntimeSpec
+    memory_mb: int
+    parent: str | None  # its accounting cgroup, when accounting works here
+
+
 class DockerBackend:
     """Runs each execution in a fresh hardened container. See the module docstring."""
 
@@ -100,6 +118,16 @@ class DockerBackend:
         self._live: set[str] = set()
         self._threads = anyio.CapacityLimiter(256)
         self._accounting: CgroupAccounting | None = None
+        self._janitor: MemoryObjectSendStream[_Box] | None = None
+        # Pool members are created with the default limits; a call that asks for other memory
+        # gets the member's limit changed in place before the handover.
+        self._pool_limits = resolve_limits(ExecutionRequest(code="-"), settings, sorted(runtimes))
+        sizes = dict.fromkeys(runtimes, settings.pool_size)
+        self.pool: WarmPool[_Box] | None = (
+            WarmPool(sizes, settings.pool_max_age_seconds, self._prepare_warm, self._discard)
+            if settings.pool_size > 0
+            else None
+        )
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -119,8 +147,38 @@ class DockerBackend:
             get_logger(LOGGER).info("orphans_removed", count=removed)
 
     async def maintain(self) -> None:
-        """The reaper: every interval, remove project containers past their deadline (a lost kill,
-        a dead server) with the same rules as the startup sweep. Runs until cancelled."""
+        """Runs until cancelled: the warm pool's refills, the janitor and the reaper, side by side."""
+        send, receive = anyio.create_memory_object_stream[_Box](math.inf)
+        async with anyio.create_task_group() as tg:
+            if self.pool is not None:
+                tg.start_soon(self.pool.run)
+            tg.start_soon(self._reap)
+            tg.start_soon(self._clean_up, receive)
+            self._janitor = send
+            try:
+                await anyio.sleep_forever()
+            finally:
+                self._janitor = None
+
+    async def _discard_soon(self, box: _Box) -> None:
+        """Remove a finished sandbox off the caller's clock when the janitor runs, else now.
+
+        Its result is already decided; removal (and the engine's teardown) only takes time.
+        A sandbox still running is killed by the removal, and `aclose` removes any left.
+        """
+        if self._janitor is None:
+            await self._discard(box)
+        else:
+            self._janitor.send_nowait(box)
+
+    async def _clean_up(self, boxes: MemoryObjectReceiveStream[_Box]) -> None:
+        async with anyio.create_task_group() as tg:
+            async for box in boxes:
+                tg.start_soon(self._discard, box)
+
+    async def _reap(self) -> None:
+        """Every interval, remove project containers past their deadline (a lost kill, a dead
+        server) with the same rules as the startup sweep."""
         while True:
             await anyio.sleep(self._settings.reaper_interval_seconds)
             if self._client is None:
@@ -134,10 +192,13 @@ class DockerBackend:
                 get_logger(LOGGER).warning("reaper_removed", count=removed)
 
     async def aclose(self) -> None:
-        """Kill and remove every container this backend started and has not removed yet."""
+        """Kill and remove every container this backend started (pool members too), concurrently."""
         with anyio.CancelScope(shield=True):
-            for cid in list(self._live):
-                await self._call(self._remove, cid)
+            if self.pool is not None:
+                await self.pool.aclose()
+            async with anyio.create_task_group() as tg:
+                for cid in list(self._live):
+                    tg.start_soon(self._call, self._remove, cid)
             if self._client is not None:
                 await self._call(self._client.close)
                 self._client = None
@@ -166,74 +227,132 @@ class DockerBackend:
     # -- one execution ---------------------------------------------------------------------
 
     async def execute(self, job: Job) -> ExecutionResult:
-        client = await self._api_client()
-        version = self._versions.get(job.runtime.name)
-        if version is None:
-            status = await self.runtime_status(job.runtime)
-            if not status.ready:
-                raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready: {status.detail}.")
-            version = status.version or job.runtime.name
+        version = await self._version_of(job.runtime)
         nonce = secrets.token_hex(16)
         payload = runner_header(nonce, job.code) + job.code + (job.stdin or b"")
         collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
-        parent = None if self._accounting is None else self._accounting.parent_for(job.execution_id)
-        cid = await self._call(self._create, client, job, parent)
-        self._live.add(cid)
+        box = await self._take_warm(job)
+        if box is None:
+            box = await self._prepare(
+                job.runtime, job.limits, lifetime=job.limits.timeout_seconds, label=job.execution_id
+            )
         try:
-            evidence, duration_ms = await self._run(client, cid, job, payload, collector)
+            evidence, duration_ms = await self._run(box, job, payload, collector)
             usage = None
-            if self._accounting is not None and parent is not None:
-                usage = await self._call(self._accounting.read, parent)
+            if self._accounting is not None and box.parent is not None:
+                usage = await self._call(self._accounting.read, box.parent)
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._call(self._remove, cid)
-                if self._accounting is not None and parent is not None:
-                    await self._call(self._accounting.remove, parent)
+            await self._discard_soon(box)
+            if self.pool is not None:
+                self.pool.replenish(job.runtime.name)
         if usage is not None:
             if usage.oom_kills and not evidence.oom_killed:
                 evidence = dataclasses.replace(evidence, oom_killed=True)  # the kernel's count is evidence too
             usage = _with_limit_hit(usage, evidence, job.limits.memory_mb * MIB)
         return build_result(job, collector, evidence, duration_ms, version, usage=usage)
 
-    async def _run(
-        self, client: docker.DockerClient, cid: str, job: Job, payload: bytes, collector: OutputCollector
-    ) -> tuple[Evidence, float]:
-        sock = await self._call(client.api.attach_socket, cid, {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
-        raw: socket.socket = sock._sock  # noqa: SLF001 - docker-py exposes the hijacked socket only this way
-        timed_out = capped = False
-        ended = False
-        started = time.monotonic()
+    async def _version_of(self, runtime: RuntimeSpec) -> str:
+        version = self._versions.get(runtime.name)
+        if version is None:
+            status = await self.runtime_status(runtime)
+            if not status.ready:
+                raise RuntimeUnavailableError(f"the {runtime.name} runtime is not ready: {status.detail}.")
+            version = status.version or runtime.name
+        return version
+
+    async def _take_warm(self, job: Job) -> _Box | None:
+        """A pool member fitted to this job's limits, or None for a cold start."""
+        box = None if self.pool is None else self.pool.take(job.runtime.name)
+        if box is None or box.memory_mb == job.limits.memory_mb:
+            return box
+        try:  # the engine changes a running container's memory limit in place
+            await self._call(self._set_memory, box.cid, job.limits.memory_mb)
+        except SandboxError:
+            await self._discard(box)
+            return None
+        return dataclasses.replace(box, memory_mb=job.limits.memory_mb)
+
+    async def _prepare(self, runtime: RuntimeSpec, limits: Limits, *, lifetime: float, label: str) -> _Box:
+        """Create, attach to and start a sandbox; its runner then waits for code on stdin."""
+        client = await self._api_client()
+        parent = None if self._accounting is None else self._accounting.parent_for(secrets.token_hex(16))
+        create = partial(self._create, client, runtime, limits, cgroup_parent=parent, lifetime=lifetime, label=label)
+        cid = await self._call(create)
+        self._live.add(cid)
+        box = _Box(cid, None, runtime, limits.memory_mb, parent)
         try:
+            sock = await self._call(client.api.attach_socket, cid, {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
+            box = dataclasses.replace(box, sock=sock)
             await self._call(client.api.start, cid)
-            started = time.monotonic()
-            send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](16)
-            async with anyio.create_task_group() as tg:
-                tg.start_soon(self._thread, partial(_read_frames, sock, send))
-                tg.start_soon(self._thread, partial(_write_payload, raw, payload))
-                try:
-                    with receive, anyio.move_on_after(job.limits.timeout_seconds) as deadline:
-                        async for stream, chunk in receive:
-                            await collector.feed(stream, chunk)
-                            if collector.over_cap:
-                                capped = True
-                                break
-                        else:
-                            ended = True
-                    timed_out = deadline.cancelled_caught
-                finally:
-                    # Hang up first: an engine that cannot deliver output would otherwise hold the
-                    # kill until someone reads it. Then wake the worker threads.
-                    _shutdown(raw)
-                    if not ended:
-                        # Kill the whole sandbox, not a process: daemons and children die with it.
-                        with anyio.CancelScope(shield=True):
-                            await self._call(self._kill, cid)
-            await collector.finish()
-            state = await self._call(self._final_state, client, cid)
-        finally:
-            _shutdown(raw)
-            sock.close()
-        duration = _duration_ms(state) or (time.monotonic() - started) * 1000
+        except BaseException:
+            await self._discard(box)
+            raise
+        return box
+
+    async def _discard(self, box: _Box) -> None:
+        """Hang up, remove the container (killing whatever runs in it), and its accounting cgroup."""
+        with anyio.CancelScope(shield=True):
+            if box.sock is not None:
+                _shutdown(box.sock._sock)  # noqa: SLF001 - see _run
+                box.sock.close()
+            await self._call(self._remove, box.cid)
+            if self._accounting is not None and box.parent is not None:
+                await self._call(self._accounting.remove, box.parent)
+
+    async def _prepare_warm(self, language: str) -> _Box:
+        """A pool member: default limits, and a self-destruct that covers its idle age and any timeout."""
+        runtime = self._runtimes[language]
+        await self._version_of(runtime)
+        limits = self._pool_limits
+        lifetime = self._settings.pool_max_age_seconds + self._settings.max_timeout_seconds
+        return await self._prepare(runtime, limits, lifetime=lifetime, label="pool")
+
+    async def _run(self, box: _Box, job: Job, payload: bytes, collector: OutputCollector) -> tuple[Evidence, float]:
+        """Hand the code over, collect output until the end, the deadline or the cap; kill on the last two.
+
+        The clock starts at the handover, not when the sandbox was created. The end is the runner's
+        exit trailer on both streams (everything the program wrote has arrived), or, when the
+        runner could not say so (killed, streams closed), the end of the streams; waiting for the
+        engine to tear the sandbox down is left to the caller's cleanup, off the caller's clock.
+        """
+        sock = box.sock
+        raw: socket.socket = sock._sock  # noqa: SLF001 - docker-py exposes the hijacked socket only this way
+        timed_out = capped = ended = runner_done = False
+        started = time.monotonic()
+        early_exit = self._accounting is not None  # the kernel's OOM count must be readable to skip the engine
+        send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](16)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._thread, partial(_read_frames, sock, send))
+            tg.start_soon(self._thread, partial(_write_payload, raw, payload))
+            try:
+                with receive, anyio.move_on_after(job.limits.timeout_seconds) as deadline:
+                    async for stream, chunk in receive:
+                        await collector.feed(stream, chunk)
+                        if collector.over_cap:
+                            capped = True
+                            break
+                        if early_exit and collector.runner_done:
+                            runner_done = True
+                            break
+                    else:
+                        ended = True
+                timed_out = deadline.cancelled_caught
+            finally:
+                # Hang up first: an engine that cannot deliver output would otherwise hold the
+                # kill until someone reads it. Then wake the worker threads.
+                _shutdown(raw)
+                if not (ended or runner_done):
+                    # Kill the whole sandbox, not a process: daemons and children die with it.
+                    with anyio.CancelScope(shield=True):
+                        await self._call(self._kill, box.cid)
+        duration = (time.monotonic() - started) * 1000
+        await collector.finish()
+        if runner_done and self._accounting is not None and box.parent is not None:
+            # The program is over by the runner's word; the kernel's count says whether memory ran out.
+            oom = await self._call(self._accounting.oom_kills, box.parent, box.cid)
+            if oom is not None:
+                return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
+        state = await self._call(self._final_state, box.cid)
         evidence = Evidence(
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
@@ -244,15 +363,23 @@ class DockerBackend:
 
     # -- engine calls (run in worker threads) ----------------------------------------------
 
-    def _create(self, client: docker.DockerClient, job: Job, cgroup_parent: str | None) -> str:
+    def _create(
+        self,
+        client: docker.DockerClient,
+        runtime: RuntimeSpec,
+        limits: Limits,
+        *,
+        cgroup_parent: str | None,
+        lifetime: float,
+        label: str,
+    ) -> str:
         api = client.api
-        limits = job.limits
         now = time.time()
         # The sandbox also kills itself shortly after its deadline, in case this server dies.
-        self_destruct = int(limits.timeout_seconds + self._settings.kill_grace_seconds)
+        self_destruct = int(lifetime + self._settings.kill_grace_seconds)
         labels = {
             MANAGED: "true",
-            LABEL_EXECUTION: job.execution_id,
+            LABEL_EXECUTION: label,
             LABEL_INSTANCE: self._instance,
             LABEL_CREATED: f"{now:.3f}",
             LABEL_EXPIRES: f"{now + self_destruct + self._settings.kill_grace_seconds:.3f}",
@@ -288,8 +415,8 @@ class DockerBackend:
         )
         try:
             created = api.create_container(
-                image=job.runtime.image(self._settings.image_prefix),
-                command=["timeout", "-s", "KILL", str(self_destruct), *job.runtime.command],
+                image=runtime.image(self._settings.image_prefix),
+                command=[SECCOMP_GUARD, "timeout", "-s", "KILL", str(self_destruct), *runtime.command],
                 user=SANDBOX_USER,
                 stdin_open=True,
                 tty=False,
@@ -301,11 +428,15 @@ class DockerBackend:
                 host_config=host_config,
             )
         except docker.errors.ImageNotFound as exc:
-            self._versions.pop(job.runtime.name, None)
+            self._versions.pop(runtime.name, None)
             raise RuntimeUnavailableError(
-                f"the {job.runtime.name} runtime image is missing; run `codomyrmex-sandbox runtimes build`."
+                f"the {runtime.name} runtime image is missing; run `codomyrmex-sandbox runtimes build`."
             ) from exc
         return str(created["Id"])
+
+    def _set_memory(self, cid: str, memory_mb: int) -> None:
+        limit = memory_mb * MIB
+        self._require_client().api.update_container(cid, mem_limit=limit, memswap_limit=limit)
 
     def _kill(self, cid: str) -> None:
         try:
@@ -314,9 +445,10 @@ class DockerBackend:
             if exc.status_code not in (404, 409):  # already gone, or already stopped
                 raise
 
-    def _final_state(self, client: docker.DockerClient, cid: str) -> dict[str, Any]:
-        client.api.wait(cid, timeout=30)
-        state: dict[str, Any] = client.api.inspect_container(cid)["State"]
+    def _final_state(self, cid: str) -> dict[str, Any]:
+        api = self._require_client().api
+        api.wait(cid, timeout=30)
+        state: dict[str, Any] = api.inspect_container(cid)["State"]
         return state
 
     def _remove(self, cid: str) -> None:
@@ -441,25 +573,3 @@ def _shutdown(raw: socket.socket) -> None:
     """Wake any worker thread blocked on the socket."""
     with contextlib.suppress(OSError):
         raw.shutdown(socket.SHUT_RDWR)
-
-
-def _duration_ms(state: dict[str, Any]) -> float | None:
-    start, end = _ns(state.get("StartedAt")), _ns(state.get("FinishedAt"))
-    if start is None or end is None or end < start:
-        return None
-    return (end - start) / 1e6
-
-
-def _ns(stamp: str | None) -> int | None:
-    """Nanoseconds since the epoch from the engine's RFC 3339 time (nanosecond precision)."""
-    if not stamp or stamp.startswith("0001-"):
-        return None
-    from datetime import datetime  # noqa: PLC0415 - only here
-
-    body = stamp.rstrip("Z")
-    whole, _, frac = body.partition(".")
-    try:
-        seconds = datetime.fromisoformat(whole + "+00:00").timestamp()
-    except ValueError:
-        return None
-    return int(seconds) * 1_000_000_000 + int((frac + "000000000")[:9])

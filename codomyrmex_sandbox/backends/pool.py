@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 
@@ -39,8 +39,8 @@ class WarmPool(Generic[M]):
         self,
         sizes: dict[str, int],
         max_age: float,
-        create: Callable[[str], Awaitable[M]],
-        destroy: Callable[[M], Awaitable[None]],
+        create: Callable[[str], Coroutine[Any, Any, M]],
+        destroy: Callable[[M], Coroutine[Any, Any, None]],
     ) -> None:
         self.sizes = {language: size for language, size in sizes.items() if size > 0}
         self.max_age = max_age
@@ -56,21 +56,24 @@ class WarmPool(Generic[M]):
         return len(self._idle.get(language, ()))
 
     def take(self, language: str) -> M | None:
-        """A fresh idle member, or None (the caller starts a sandbox cold). Never waits."""
+        """A fresh idle member, or None (the caller starts a sandbox cold). Never waits.
+
+        Taking does not start a refill: call `replenish` once the execution is over, so that
+        starting the next member does not compete for CPU with the execution it would slow down.
+        """
         queue = self._idle.get(language)
         now = time.monotonic()
-        while queue:
-            idle = queue.popleft()
-            if now - idle.born < self.max_age:
-                self.taken += 1
-                self._wake[language].set()
-                return idle.member
-            queue.appendleft(idle)  # too old: the refill loop recycles it
-            break
+        if queue and now - queue[0].born < self.max_age:
+            self.taken += 1
+            return queue.popleft().member
         if language in self.sizes:
             self.missed += 1
-            self._wake[language].set()
         return None
+
+    def replenish(self, language: str) -> None:
+        """An execution of ``language`` ended: refill the pool if it is short."""
+        if language in self._wake:
+            self._wake[language].set()
 
     async def run(self) -> None:
         """Fill and recycle until cancelled: one task per language, so a slow image delays no other."""
@@ -111,9 +114,10 @@ class WarmPool(Generic[M]):
             await self._destroy(queue.popleft().member)
 
     async def aclose(self) -> None:
-        """Destroy every idle member; members already taken belong to their executions."""
+        """Destroy every idle member, concurrently; members already taken belong to their executions."""
         self._closed = True
         with anyio.CancelScope(shield=True):
-            for queue in self._idle.values():
-                while queue:
-                    await self._destroy(queue.popleft().member)
+            async with anyio.create_task_group() as tg:
+                for queue in self._idle.values():
+                    while queue:
+                        tg.start_soon(self._destroy, queue.popleft().member)

@@ -107,6 +107,64 @@ class Engine:
         except docker.errors.APIError:  # not running (yet, or any more)
             return 0
 
+    def processes(self, container_id: str) -> list[str]:
+        """The command lines running in a container; empty once it stopped or is gone."""
+        try:
+            top = self.api.top(container_id, ps_args="-o pid,args")  # the engine needs the pid column
+        except docker.errors.APIError:
+            return []
+        return [" ".join(row[1:]) for row in top.get("Processes") or []]
+
+    async def wait_for_process(self, owner: int, needle: str, *, within: float = 20.0) -> str:
+        """The id of ``owner``'s running sandbox whose processes include ``needle``.
+
+        The warm pool keeps idle sandboxes running, so "a running container of this server" does
+        not identify the one running a test's program; a process the program starts does.
+        """
+        deadline = time.monotonic() + within
+        while True:
+            running = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
+            for container in running:
+                commands = await anyio.to_thread.run_sync(self.processes, container["Id"])
+                if any(needle in command for command in commands):
+                    return str(container["Id"])
+            if time.monotonic() > deadline:
+                pytest.fail(f"no running sandbox of pid {owner} ran {needle!r} within {within} s")
+            await anyio.sleep(0.02)
+
+    async def wait_until_no_process(self, owner: int, needle: str, *, within: float) -> float:
+        """Seconds until no sandbox of ``owner`` runs ``needle`` any more; fails after ``within`` seconds."""
+        start = time.monotonic()
+        while True:
+            running = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
+            found = False
+            for container in running:
+                commands = await anyio.to_thread.run_sync(self.processes, container["Id"])
+                found = found or any(needle in command for command in commands)
+            if not found:
+                return time.monotonic() - start
+            if time.monotonic() - start > within:
+                pytest.fail(f"{needle!r} still runs in a sandbox of pid {owner} {within} s later")
+            await anyio.sleep(0.02)
+
+    def is_running(self, container_id: str) -> bool:
+        try:
+            return bool(self.api.inspect_container(container_id)["State"]["Running"])
+        except docker.errors.NotFound:
+            return False
+
+    async def wait_until_removed(self, container_id: str, *, within: float = LEFTOVER_DEADLINE) -> float:
+        """Seconds until the container no longer exists; fails after ``within`` seconds."""
+        start = time.monotonic()
+        while True:
+            try:
+                await anyio.to_thread.run_sync(self.api.inspect_container, container_id)
+            except docker.errors.NotFound:
+                return time.monotonic() - start
+            if time.monotonic() - start > within:
+                pytest.fail(f"sandbox {container_id[:12]} still exists {within} s later")
+            await anyio.sleep(0.02)
+
     async def wait_until_running(self, owner: int, *, within: float = 20.0) -> dict[str, Any]:
         """The first running sandbox container of ``owner``; fails after ``within`` seconds."""
         deadline = time.monotonic() + within

@@ -151,7 +151,11 @@ except OSError as exc:
 
 
 async def test_the_server_answers_promptly_while_a_fork_bomb_runs(in_process, engine):
-    bomb = "import os\nwhile True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    marker = "sleep 1062"  # a process that tells this sandbox apart from idle pool members
+    bomb = (
+        "import os, subprocess\nsubprocess.Popen(['sleep', '1062'])\n"
+        "while True:\n    try:\n        os.fork()\n    except OSError:\n        pass\n"
+    )
     results: dict[str, dict] = {}
     async with in_process() as mcp, anyio.create_task_group() as tg:
 
@@ -159,8 +163,8 @@ async def test_the_server_answers_promptly_while_a_fork_bomb_runs(in_process, en
             results["bomb"] = await mcp.run(bomb, timeout_seconds=3)
 
         tg.start_soon(run_bomb)
-        container = await engine.wait_until_running(mcp.owner_pid)
-        await engine.wait_for_processes(container["Id"], at_least=50)
+        container = await engine.wait_for_process(mcp.owner_pid, marker)
+        await engine.wait_for_processes(container, at_least=50)
         start = time.monotonic()
         quick = await mcp.run("print(1)", timeout_seconds=QUICK)
         quick_seconds = time.monotonic() - start
@@ -178,11 +182,12 @@ async def test_a_daemon_left_running_does_not_hold_the_call_and_dies_with_the_sa
     start = time.monotonic()
     result = await sandbox.execute(code)  # the default timeout (30 s): returning early is the point
     elapsed = time.monotonic() - start
+    daemons_gone_after = await engine.wait_until_no_process(os.getpid(), "sleep 1000", within=5)
 
     assert result.status == "success"
     assert result.stdout == "started\n"
     assert elapsed < 5, f"the call waited {elapsed:.1f} s for the daemon"
-    assert engine.containers(owners={os.getpid()}) == []  # removed before the call returned
+    assert daemons_gone_after < 5  # the daemon died with its sandbox
 
 
 async def test_the_servers_environment_does_not_reach_the_sandbox(connect, canary):

@@ -13,7 +13,9 @@ from codomyrmex_sandbox import Sandbox
 pytestmark = pytest.mark.docker
 
 QUICK = 10.0
-SLEEPER = "import time\ntime.sleep(60)"
+# The sleep runs as a process of its own, so the test can tell this sandbox from idle pool members.
+SLEEPER = "import subprocess\nsubprocess.run(['sleep', '61'])"
+SLEEPING = "sleep 61"
 
 
 class Progress:
@@ -86,9 +88,9 @@ async def test_cancelling_a_call_kills_and_removes_its_sandbox(connect, engine):
                     returned.append(await mcp.call({"code": SLEEPER, "timeout_seconds": 60}))
 
             tg.start_soon(call)
-            await engine.wait_until_running(mcp.owner_pid)
+            container = await engine.wait_for_process(mcp.owner_pid, SLEEPING)
             scope.cancel()
-        gone_after = await engine.wait_until_gone(mcp.owner_pid, within=5)
+        gone_after = await engine.wait_until_removed(container, within=5)
         after = await mcp.run("print('still serving')", timeout_seconds=QUICK)
 
     assert returned == [], f"the call returned instead of being cancelled: {returned}"
@@ -100,13 +102,16 @@ async def test_cancelling_a_call_kills_and_removes_its_sandbox(connect, engine):
 async def test_cancelling_a_python_api_call_kills_and_removes_its_sandbox(sandbox: Sandbox, engine):
     async with anyio.create_task_group() as tg:
         tg.start_soon(sandbox.execute, SLEEPER)
-        await engine.wait_until_running(os.getpid())
+        container = await engine.wait_for_process(os.getpid(), SLEEPING)
         start = time.monotonic()
         tg.cancel_scope.cancel()
     cancel_seconds = time.monotonic() - start
+    killed = not engine.is_running(container)  # killed before the cancellation finished
+    removed_after = await engine.wait_until_removed(container, within=5)
 
-    assert engine.containers(owners={os.getpid()}) == []  # removed before the cancellation finished
+    assert killed
     assert cancel_seconds < 5
+    assert removed_after < 5
 
 
 async def test_closing_the_stdio_connection_mid_call_removes_the_sandbox(stdio, engine):
@@ -121,7 +126,7 @@ async def test_closing_the_stdio_connection_mid_call_removes_the_sandbox(stdio, 
                 failures.append(exc)
 
         tg.start_soon(call)
-        await engine.wait_until_running(owner)
+        await engine.wait_for_process(owner, SLEEPING)
     gone_after = await engine.wait_until_gone(owner, within=5)
 
     assert failures, "the call completed although its connection was closed"

@@ -58,9 +58,22 @@ async def test_a_marker_from_another_nonce_stays_in_the_output():
     assert collector.text("stdout") == sanitize(fake.decode())
 
 
-async def test_a_trailer_on_stderr_is_not_trusted():
-    collector, _ = await collect([("stderr", trailer("exit", b"0"))])
+async def test_a_trailer_on_stderr_carries_no_value_but_marks_the_stream_complete():
+    collector, _ = await collect([("stderr", b"warn\n" + trailer("exit", b"0") + trailer("rv", b"MQ=="))])
     assert collector.reported_exit() is None
+    assert collector.return_value() is None
+    assert collector.text("stderr") == "warn\n" + sanitize(trailer("rv", b"MQ==").decode())
+    assert not collector.runner_done  # stdout has not ended yet
+
+
+async def test_the_runner_is_done_when_both_streams_carry_the_same_exit_trailer():
+    collector, _ = await collect([("stdout", b"1\n" + trailer("exit", b"3")), ("stderr", trailer("exit", b"3"))])
+    assert collector.runner_done
+    assert collector.reported_exit() == 3
+    assert collector.text("stdout") == "1\n"
+    assert collector.text("stderr") == ""
+    mismatch, _ = await collect([("stdout", trailer("exit", b"3")), ("stderr", trailer("exit", b"0"))])
+    assert not mismatch.runner_done
 
 
 async def test_output_past_the_cap_is_cut_and_flagged():

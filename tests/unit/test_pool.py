@@ -47,6 +47,7 @@ async def test_the_pool_fills_each_language_and_hands_each_member_out_once():
         await members.until(lambda: pool.idle("python") == 2 and pool.idle("bash") == 1)
         first, second = pool.take("python"), pool.take("python")
         assert first != second
+        pool.replenish("python")
         assert pool.take("javascript") is None  # a size of 0 disables the pool for that language
         await members.until(lambda: pool.idle("python") == 2)  # refilled behind the takes
         third = pool.take("python")

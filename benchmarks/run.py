@@ -1,0 +1,310 @@
+"""Benchmarks for codomyrmex-sandbox, measured in one run, on one machine, with the same images.
+
+    .venv/bin/python benchmarks/run.py            # the full run (about 4 minutes)
+    .venv/bin/python benchmarks/run.py --quick    # fewer samples, 5 s throughput windows
+
+Prints Markdown tables and writes the raw numbers to benchmarks/results/<timestamp>.json.
+Targets are judged as ratios against baselines measured in the same run (never absolute times):
+
+- warm Python round trip over MCP stdio: p50 <= 0.25 x `docker run --rm` p50;
+- pool off: p50 <= 1.1 x `docker run --rm` p50;
+- throughput at concurrency 4: >= 0.8 x the engine's own create-start-remove rate;
+- server overhead per call (fake backend) < 5 ms; resident memory growth < 10 % over 1,000 calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import gc
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import docker
+from mcp import Client, StdioServerParameters
+
+from codomyrmex_sandbox import FakeBackend, Sandbox, Settings
+from codomyrmex_sandbox.runtimes import load_runtimes
+from codomyrmex_sandbox.server import build_server
+
+HELLO = {"python": "print(1)", "javascript": "console.log(1)", "bash": "echo 1"}
+HOST_COMMANDS = {
+    "python": ["python3", "-I", "-c", "print(1)"],
+    "javascript": ["node", "-e", "console.log(1)"],
+    "bash": ["bash", "-c", "echo 1"],
+}
+IMAGE_COMMANDS = {
+    "python": ["python3", "-I", "-c", "print(1)"],
+    "javascript": ["node", "-e", "console.log(1)"],
+    "bash": ["bash", "-c", "echo 1"],
+}
+SCRIPT = Path(sys.executable).parent / "codomyrmex-sandbox"
+
+
+def percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    p95 = ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+    return {"p50": round(statistics.median(ordered), 2), "p95": round(p95, 2), "n": len(ordered)}
+
+
+def timed(argv: list[str], count: int) -> list[float]:
+    """Wall time of running a command ``count`` times, in ms."""
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        subprocess.run(argv, capture_output=True, check=True)
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+async def atimed(run: Callable[[], Awaitable[object]], count: int) -> list[float]:
+    samples = []
+    for _ in range(count):
+        start = time.perf_counter()
+        await run()
+        samples.append((time.perf_counter() - start) * 1000)
+    return samples
+
+
+def baselines(images: dict[str, str], count: int) -> dict[str, Any]:
+    """Bare host interpreter, `docker run --rm`, `docker exec` into a running container."""
+    out: dict[str, Any] = {}
+    client = docker.from_env()
+    for language, image in images.items():
+        out[f"host {language}"] = percentiles(timed(HOST_COMMANDS[language], count))
+        run = ["docker", "run", "--rm", "--network", "none", image, *IMAGE_COMMANDS[language]]
+        out[f"docker run --rm {language}"] = percentiles(timed(run, count))
+        container = client.containers.run(image, ["sleep", "3600"], detach=True, network_mode="none")
+        try:
+            execute = ["docker", "exec", container.id, *IMAGE_COMMANDS[language]]
+            out[f"docker exec {language}"] = percentiles(timed(execute, count))
+        finally:
+            container.remove(force=True)
+    return out
+
+
+async def api_latency(pool_size: int, count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    async with Sandbox(Settings.load(pool_size=pool_size)) as sandbox:
+        await _warm_up(sandbox, pool_size)
+        for language, code in HELLO.items():
+
+            async def once(language: str = language, code: str = code) -> None:
+                result = await sandbox.execute(code, language=language)
+                if result.status != "success":
+                    raise RuntimeError(result)
+                if pool_size:
+                    await _refilled(sandbox, language, pool_size)
+
+            out[f"api {language} pool={pool_size}"] = percentiles(await atimed(once, count))
+    return out
+
+
+async def stdio_latency(pool_size: int, count: int) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    env = {**os.environ, "CODOMYRMEX_SANDBOX_POOL_SIZE": str(pool_size), "CODOMYRMEX_SANDBOX_LOG_LEVEL": "warning"}
+    params = StdioServerParameters(command=str(SCRIPT), args=["serve"], env=env)
+    async with Client(params) as client:
+        for language, code in HELLO.items():
+            await client.call_tool("execute_code", {"code": code, "language": language})  # the pool fills meanwhile
+            if pool_size:
+                await anyio.sleep(2)  # a quiet moment so each sample finds a ready member
+
+            async def once(language: str = language, code: str = code) -> None:
+                result = await client.call_tool("execute_code", {"code": code, "language": language})
+                if result.is_error or (result.structured_content or {}).get("status") != "success":
+                    raise RuntimeError(result)
+                if pool_size:
+                    await anyio.sleep(0.4)  # let the pool refill between samples (not timed)
+
+            out[f"mcp stdio {language} pool={pool_size}"] = percentiles(await atimed(once, count))
+    return out
+
+
+async def _warm_up(sandbox: Sandbox, pool_size: int) -> None:
+    for language, code in HELLO.items():
+        await sandbox.execute(code, language=language)
+        if pool_size:
+            await _refilled(sandbox, language, pool_size)
+
+
+async def _refilled(sandbox: Sandbox, language: str, size: int) -> None:
+    """Wait (untimed) until the pool is full again, so each sample measures a warm call."""
+    pool = getattr(sandbox.backend, "pool", None)
+    if pool is None:
+        return
+    with anyio.fail_after(30):
+        while pool.idle(language) < size:  # noqa: ASYNC110 - the pool exposes no event; this is a benchmark
+            await anyio.sleep(0.01)
+
+
+async def throughput(pool_size: int, seconds: float) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for concurrency in (1, 4, 8):
+        settings = Settings.load(pool_size=pool_size, max_concurrent_executions=max(concurrency, 2))
+        async with Sandbox(settings) as sandbox:
+            await _warm_up(sandbox, pool_size)
+            done = 0
+            failures = 0
+            deadline = time.monotonic() + seconds
+
+            async def worker(deadline: float = deadline) -> None:
+                nonlocal done, failures
+                while time.monotonic() < deadline:
+                    result = await sandbox.execute("print(1)")
+                    if result.status == "success":
+                        done += 1
+                    else:
+                        failures += 1
+
+            start = time.monotonic()
+            async with anyio.create_task_group() as tg:
+                for _ in range(concurrency):
+                    tg.start_soon(worker)
+            elapsed = time.monotonic() - start
+        out[f"concurrency {concurrency} pool={pool_size}"] = {
+            "calls_per_s": round(done / elapsed, 2),
+            "failures": failures,
+        }
+    return out
+
+
+def engine_rate(image: str, seconds: float, concurrency: int = 4) -> dict[str, Any]:
+    """The engine's own create-start-wait-remove rate for the same image, same concurrency."""
+    client = docker.from_env()
+    deadline = time.monotonic() + seconds
+
+    def worker() -> int:
+        count = 0
+        while time.monotonic() < deadline:
+            container = client.containers.create(image, ["python3", "-I", "-c", "print(1)"], network_mode="none")
+            container.start()
+            container.wait()
+            container.remove(force=True)
+            count += 1
+        return count
+
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as executor:
+        total = sum(executor.map(lambda _: worker(), range(concurrency)))
+    return {"calls_per_s": round(total / (time.monotonic() - start), 2), "concurrency": concurrency}
+
+
+async def overhead(calls: int) -> dict[str, Any]:
+    """The server's own cost per call, with the fake backend (no engine), and its memory growth."""
+
+    async def instant(run: Any) -> int:  # noqa: ANN401
+        await run.write("1\n")
+        return 0
+
+    async with (
+        Sandbox(Settings.load(backend="fake"), backend=FakeBackend(instant)) as sandbox,
+        Client(build_server(sandbox)) as client,
+    ):
+        for _ in range(50):  # warm up caches and lazy imports
+            await client.call_tool("execute_code", {"code": "print(1)"})
+        gc.collect()
+        rss_before = _rss_kib()
+        start = time.perf_counter()
+        for _ in range(calls):
+            await client.call_tool("execute_code", {"code": "print(1)"})
+        per_call = (time.perf_counter() - start) * 1000 / calls
+        gc.collect()
+        rss_after = _rss_kib()
+    return {
+        "mcp_in_process_ms_per_call": round(per_call, 3),
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "rss_growth_pct": round(100 * (rss_after - rss_before) / rss_before, 2),
+        "calls": calls,
+    }
+
+
+def _rss_kib() -> int:
+    with Path("/proc/self/status").open(encoding="ascii") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def table(title: str, rows: dict[str, Any]) -> str:
+    keys = sorted({key for value in rows.values() for key in value})
+    lines = [f"### {title}", "", "| case | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(str(value.get(k, "")) for k in keys) + " |" for name, value in rows.items()]
+    return "\n".join(lines) + "\n"
+
+
+def verdicts(data: dict[str, Any]) -> dict[str, Any]:
+    lat, base, thr = data["latency"], data["baselines"], data["throughput"]
+    docker_run = base["docker run --rm python"]["p50"]
+    warm = lat["mcp stdio python pool=2"]["p50"]
+    cold = lat["mcp stdio python pool=0"]["p50"]
+    rate = data["engine"]["calls_per_s"]
+    c4 = thr["concurrency 4 pool=2"]["calls_per_s"]
+    over = data["overhead"]
+    return {
+        "warm stdio p50 / docker run p50 (target <= 0.25)": {"value": round(warm / docker_run, 3)},
+        "pool off stdio p50 / docker run p50 (target <= 1.1)": {"value": round(cold / docker_run, 3)},
+        "throughput c=4 / engine rate (target >= 0.8)": {"value": round(c4 / rate, 3)},
+        "overhead ms per call (target < 5)": {"value": over["mcp_in_process_ms_per_call"]},
+        "rss growth % over calls (target < 10)": {"value": over["rss_growth_pct"]},
+    }
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples and 5 s throughput windows")
+    args = parser.parse_args()
+    count = 10 if args.quick else 30
+    seconds = 5.0 if args.quick else 30.0
+    runtimes = load_runtimes()
+    images = {name: spec.image("codomyrmex-sandbox") for name, spec in runtimes.items()}
+    data: dict[str, Any] = {
+        "machine": {
+            "python": platform.python_version(),
+            "kernel": platform.release(),
+            "cpus": os.cpu_count(),
+            "docker": docker.from_env().version().get("Version"),
+        },
+        "baselines": baselines(images, count),
+        "latency": {},
+        "throughput": {},
+    }
+    for pool_size in (0, 2):
+        data["latency"] |= await api_latency(pool_size, count)
+        data["latency"] |= await stdio_latency(pool_size, count)
+        data["throughput"] |= await throughput(pool_size, seconds)
+    data["engine"] = await anyio.to_thread.run_sync(engine_rate, images["python"], seconds)
+    data["overhead"] = await overhead(1000)
+    data["verdicts"] = verdicts(data)
+    print(f"machine: {data['machine']}\n")
+    print(table("Baselines (ms)", data["baselines"]))
+    print(table("Round trip of print(1) (ms)", data["latency"]))
+    print(
+        table(
+            "Throughput (python print(1), calls/s)",
+            {**data["throughput"], "engine create-start-remove": data["engine"]},
+        )
+    )
+    print(table("Server overhead (fake backend, MCP in-process)", {"overhead": data["overhead"]}))
+    print(table("Targets", data["verdicts"]))
+    results = Path(__file__).parent / "results"
+    results.mkdir(exist_ok=True)
+    path = results / time.strftime("%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps(data, indent=2))
+    print(f"raw numbers: {path}")
+
+
+if __name__ == "__main__":
+    anyio.run(main)
