@@ -12,8 +12,9 @@ import anyio.to_thread
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.runtimes import load_runtimes
 from codomyrmex_sandbox.service import Sandbox
-from codomyrmex_sandbox.settings import Settings
+from codomyrmex_sandbox.settings import LIMIT_FIELDS, Settings
 
 FIX_IMAGES = "codomyrmex-sandbox runtimes build"
 
@@ -64,12 +65,17 @@ async def _check_runtimes(settings: Settings, line: Callable[[str], None]) -> li
 
 
 def _print_policy(settings: Settings, line: Callable[[str], None]) -> None:
-    line("effective policy (caps a call can never exceed):")
-    policy: dict[str, Any] = settings.model_dump(mode="json", exclude={"docker_host"})
-    for key, value in policy.items():
+    line(f"effective policy, profile {settings.profile!r} (caps a call can never exceed):")
+    languages = settings.languages or sorted(load_runtimes(settings.runtimes_dir))
+    for language in languages:
+        limits = settings.policy(language).model_dump(mode="json")
+        line(f"  {language}: " + ", ".join(f"{key}={json.dumps(value)}" for key, value in limits.items()))
+    line("server settings:")
+    server: dict[str, Any] = settings.model_dump(
+        mode="json", exclude={"docker_host", "profiles", "language_limits", *LIMIT_FIELDS}
+    )
+    for key, value in server.items():
         line(f"  {key} = {json.dumps(value)}")
-    if settings.oci_runtime is None:
-        line('  note: sandboxes share the host kernel (runc); set oci_runtime = "runsc" where gVisor is installed')
 
 
 def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
@@ -99,7 +105,43 @@ def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
             f"oci_runtime {settings.oci_runtime!r} is not known to the engine; install it or unset "
             "CODOMYRMEX_SANDBOX_OCI_RUNTIME"
         )
+    for warning in engine_warnings(settings, info, version):
+        line(f"  WARN {warning}")
     return problems
+
+
+def engine_warnings(settings: Settings, info: dict[str, Any], version: dict[str, Any]) -> list[str]:
+    """Weak spots that do not stop the server but that an operator should know about."""
+    warnings = []
+    security = " ".join(info.get("SecurityOptions") or [])
+    if settings.oci_runtime != "runsc":
+        having = 'is installed: set oci_runtime = "runsc"' if "runsc" in (info.get("Runtimes") or {}) else "is not"
+        warnings.append(
+            f"sandboxes share the host kernel (runc); a kernel exploit escapes them. gVisor (runsc) {having}"
+        )
+    if "name=userns" not in security and "name=rootless" not in security:
+        warnings.append(
+            "the engine uses no user namespaces (neither userns-remap nor rootless); the sandbox user "
+            "(65534) is then the host's 65534 for the kernel"
+        )
+    runc = next((c for c in version.get("Components") or [] if c.get("Name") == "runc"), None)
+    if runc is not None and _older_than(str(runc.get("Version", "")), (1, 1, 12)):
+        warnings.append(
+            f"runc {runc.get('Version')} is older than 1.1.12, which fixed a container escape "
+            "(CVE-2024-21626, 'Leaky Vessels'); upgrade runc unless your distribution backported the fix"
+        )
+    if settings.network != "none":
+        warnings.append(f"sandboxes have network access ({settings.network})")
+    return warnings
+
+
+def _older_than(version: str, minimum: tuple[int, ...]) -> bool:
+    numbers = []
+    for part in version.split("+", maxsplit=1)[0].split("-", maxsplit=1)[0].split("."):
+        if not part.isdigit():
+            break
+        numbers.append(int(part))
+    return bool(numbers) and tuple(numbers) < minimum
 
 
 def _version_of(package: str) -> str:

@@ -32,16 +32,27 @@ STREAM_BACKLOG_CHARS = 65_536
 
 
 def input_schema(sandbox: Sandbox) -> dict[str, Any]:
-    """The tool's input schema, with the operator's caps as bounds so clients see them up front."""
-    settings = sandbox.settings
+    """The tool's input schema, with the operator's caps as bounds so clients see them up front.
+
+    Where languages have different caps, the schema shows the largest; a call above its own
+    language's cap is refused with a message naming that cap.
+    """
+    policies = [sandbox.settings.policy(language) for language in sandbox.languages]
+    defaults = sandbox.settings.policy("python" if "python" in sandbox.languages else None)
+    caps = {
+        "max_code_bytes": max(p.max_code_bytes for p in policies),
+        "max_stdin_bytes": max(p.max_stdin_bytes for p in policies),
+        "max_timeout_seconds": max(p.max_timeout_seconds for p in policies),
+        "max_memory_mb": max(p.max_memory_mb for p in policies),
+    }
     return {
         "type": "object",
         "properties": {
             "code": {
                 "type": "string",
-                "description": f"The program to run, UTF-8 source of at most {settings.max_code_bytes} bytes.",
+                "description": f"The program to run, UTF-8 source of at most {caps['max_code_bytes']} bytes.",
                 "minLength": 1,
-                "maxLength": settings.max_code_bytes,
+                "maxLength": caps["max_code_bytes"],
             },
             "language": {
                 "type": "string",
@@ -52,22 +63,22 @@ def input_schema(sandbox: Sandbox) -> dict[str, Any]:
             "stdin": {
                 "type": ["string", "null"],
                 "default": None,
-                "maxLength": settings.max_stdin_bytes,
+                "maxLength": caps["max_stdin_bytes"],
                 "description": "Text for the program's standard input; without it the program reads EOF.",
             },
             "timeout_seconds": {
                 "type": ["number", "null"],
                 "default": None,
                 "exclusiveMinimum": 0,
-                "maximum": settings.max_timeout_seconds,
-                "description": f"Wall-clock limit; default {settings.default_timeout_seconds:g} s.",
+                "maximum": caps["max_timeout_seconds"],
+                "description": f"Wall-clock limit; default {defaults.default_timeout_seconds:g} s.",
             },
             "memory_mb": {
                 "type": ["integer", "null"],
                 "default": None,
                 "minimum": 16,
-                "maximum": settings.max_memory_mb,
-                "description": f"Memory limit, swap included; default {settings.default_memory_mb} MiB.",
+                "maximum": caps["max_memory_mb"],
+                "description": f"Memory limit, swap included; default {defaults.default_memory_mb} MiB.",
             },
         },
         "required": ["code"],
@@ -134,7 +145,13 @@ async def _call_execute(
     # Always stream: the session sends nothing unless the caller gave a progress token, and an
     # in-process client's token is not visible in the request's metadata.
     timeout = arguments.get("timeout_seconds")
-    total = float(timeout) if isinstance(timeout, int | float) else sandbox.settings.default_timeout_seconds
+    language = arguments.get("language", "python")
+    if isinstance(timeout, int | float):
+        total = float(timeout)
+    elif language in sandbox.runtimes:
+        total = sandbox.settings.policy(language).default_timeout_seconds
+    else:
+        total = sandbox.settings.policy().default_timeout_seconds
     streamer = _ProgressStreamer(ctx, total)
     outcome: ExecutionResult | SandboxError
     async with anyio.create_task_group() as tg:

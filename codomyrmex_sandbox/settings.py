@@ -13,7 +13,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -49,6 +49,70 @@ class _TomlValues(PydanticBaseSettingsSource):
         return dict(_config_file.get() or {})
 
 
+class LimitPolicy(BaseModel):
+    """The limits one language runs under: a default and a cap for what a call may choose (timeout,
+    memory), and fixed values for the rest. A call may lower its timeout and memory, never raise
+    them above the caps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    default_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
+    max_timeout_seconds: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0
+    default_memory_mb: Annotated[int, Field(ge=16)] = 256
+    max_memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
+
+    cpus: Annotated[float, Field(gt=0, le=256, allow_inf_nan=False)] = 1.0
+    pids_limit: Annotated[int, Field(ge=8, le=65_536)] = 128
+    open_files_limit: Annotated[int, Field(ge=16, le=1_048_576)] = 256
+    file_size_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 64
+    scratch_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 64
+
+    max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
+    max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
+    max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+
+    @model_validator(mode="after")
+    def _defaults_within_caps(self) -> Self:
+        if self.default_timeout_seconds > self.max_timeout_seconds:
+            raise ValueError("default_timeout_seconds must not exceed max_timeout_seconds")
+        if self.default_memory_mb > self.max_memory_mb:
+            raise ValueError("default_memory_mb must not exceed max_memory_mb")
+        return self
+
+
+LIMIT_FIELDS = tuple(LimitPolicy.model_fields)
+
+# Named sets of limits; an operator selects one per server (`profile`) and may define more.
+BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "strict": {
+        "default_timeout_seconds": 10.0,
+        "max_timeout_seconds": 30.0,
+        "default_memory_mb": 128,
+        "max_memory_mb": 512,
+        "cpus": 0.5,
+        "pids_limit": 64,
+        "open_files_limit": 128,
+        "file_size_mb": 16,
+        "scratch_mb": 32,
+        "max_output_bytes": 256 * 1024,
+        "max_code_bytes": 256 * 1024,
+        "max_stdin_bytes": 256 * 1024,
+    },
+    "data-science": {
+        "default_timeout_seconds": 120.0,
+        "max_timeout_seconds": 900.0,
+        "default_memory_mb": 1024,
+        "max_memory_mb": 8192,
+        "cpus": 2.0,
+        "pids_limit": 256,
+        "file_size_mb": 512,
+        "scratch_mb": 1024,
+        "max_output_bytes": 4 * MIB,
+    },
+}
+
+
 class Settings(BaseSettings):
     """Operator settings. Per-call arguments may lower limits, never raise them above the caps here."""
 
@@ -75,6 +139,14 @@ class Settings(BaseSettings):
     max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
     max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
     max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+
+    profile: str = Field(default="default", description="The named set of limits this server applies.")
+    profiles: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Operator-defined profiles (limit name -> value), beside the built-in ones."
+    )
+    language_limits: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-language limit overrides, applied on top of the profile."
+    )
 
     max_concurrent_executions: Annotated[int, Field(ge=1, le=1024)] = Field(
         default_factory=default_concurrency,
@@ -110,12 +182,21 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @model_validator(mode="after")
-    def _defaults_within_caps(self) -> Self:
-        if self.default_timeout_seconds > self.max_timeout_seconds:
-            raise ValueError("default_timeout_seconds must not exceed max_timeout_seconds")
-        if self.default_memory_mb > self.max_memory_mb:
-            raise ValueError("default_memory_mb must not exceed max_memory_mb")
+    def _every_policy_is_valid(self) -> Self:
+        if self.profile not in BUILTIN_PROFILES and self.profile not in self.profiles:
+            known = sorted({*BUILTIN_PROFILES, *self.profiles})
+            raise ValueError(f"unknown profile {self.profile!r}; known: {', '.join(known)}")
+        for language in (None, *self.language_limits):
+            self.policy(language)  # raises on an unknown limit name or a default above its cap
         return self
+
+    def policy(self, language: str | None = None) -> LimitPolicy:
+        """The limits for ``language``: these settings, then the profile, then the language's overrides."""
+        values = {name: getattr(self, name) for name in LIMIT_FIELDS}
+        values |= self.profiles.get(self.profile, BUILTIN_PROFILES.get(self.profile, {}))
+        if language is not None:
+            values |= self.language_limits.get(language, {})
+        return LimitPolicy.model_validate(values)
 
     @classmethod
     def settings_customise_sources(

@@ -52,7 +52,7 @@ from codomyrmex_sandbox.errors import (
 from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import MIB, ExecutionRequest, ExecutionResult, Limits, ResourceUsage
 from codomyrmex_sandbox.output import OutputCollector, StreamName
-from codomyrmex_sandbox.policy import resolve_limits
+from codomyrmex_sandbox.policy import limits_for
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
 
@@ -121,7 +121,9 @@ class DockerBackend:
         self._janitor: MemoryObjectSendStream[_Box] | None = None
         # Pool members are created with the default limits; a call that asks for other memory
         # gets the member's limit changed in place before the handover.
-        self._pool_limits = resolve_limits(ExecutionRequest(code="-"), settings, sorted(runtimes))
+        self._pool_limits = {
+            name: limits_for(ExecutionRequest(code="-", language=name), settings.policy(name)) for name in runtimes
+        }
         sizes = dict.fromkeys(runtimes, settings.pool_size)
         self.pool: WarmPool[_Box] | None = (
             WarmPool(sizes, settings.pool_max_age_seconds, self._prepare_warm, self._discard)
@@ -303,8 +305,8 @@ class DockerBackend:
         """A pool member: default limits, and a self-destruct that covers its idle age and any timeout."""
         runtime = self._runtimes[language]
         await self._version_of(runtime)
-        limits = self._pool_limits
-        lifetime = self._settings.pool_max_age_seconds + self._settings.max_timeout_seconds
+        limits = self._pool_limits[language]
+        lifetime = self._settings.pool_max_age_seconds + self._settings.policy(language).max_timeout_seconds
         return await self._prepare(runtime, limits, lifetime=lifetime, label="pool")
 
     async def _run(self, box: _Box, job: Job, payload: bytes, collector: OutputCollector) -> tuple[Evidence, float]:

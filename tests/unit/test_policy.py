@@ -145,3 +145,62 @@ def test_a_broken_config_file_is_reported_clearly(tmp_path):
     config.write_text("no_such_setting = 1\n")
     with pytest.raises(InvalidRequestError, match="no_such_setting"):
         Settings.load(config)
+
+
+def test_a_profile_replaces_the_base_limits_and_is_a_ceiling_too():
+    strict = settings(profile="strict")
+    limits = resolve_limits(ExecutionRequest(code="x"), strict, LANGUAGES)
+    assert (limits.timeout_seconds, limits.memory_mb, limits.pids, limits.cpus) == (10, 128, 64, 0.5)
+    with pytest.raises(LimitAboveCapError, match="cap of 30 seconds"):
+        resolve_limits(ExecutionRequest(code="x", timeout_seconds=31), strict, LANGUAGES)
+    with pytest.raises(InvalidRequestError, match="cap of 262144 bytes"):
+        check_payload(ExecutionRequest(code="#" * 300_000), strict)
+
+
+def test_operator_profiles_and_per_language_overrides_apply_in_that_order():
+    custom = settings(
+        profile="teaching",
+        profiles={"teaching": {"default_timeout_seconds": 5, "max_timeout_seconds": 20}},
+        language_limits={"javascript": {"default_memory_mb": 512, "max_memory_mb": 1024}},
+    )
+    python = resolve_limits(ExecutionRequest(code="x"), custom, LANGUAGES)
+    node = resolve_limits(ExecutionRequest(code="x", language="javascript"), custom, LANGUAGES)
+    assert (python.timeout_seconds, python.memory_mb) == (5, 256)
+    assert (node.timeout_seconds, node.memory_mb) == (5, 512)
+    with pytest.raises(LimitAboveCapError, match="cap of 1024 MiB"):
+        resolve_limits(ExecutionRequest(code="x", language="javascript", memory_mb=2048), custom, LANGUAGES)
+    resolve_limits(ExecutionRequest(code="x", memory_mb=2048), custom, LANGUAGES)  # python keeps the base cap
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"profile": "nope"}, "unknown profile 'nope'; known: data-science, default, strict"),
+        ({"language_limits": {"python": {"max_memory_mb": 8}}}, "max_memory_mb"),
+        ({"language_limits": {"python": {"default_timeout_seconds": 400}}}, "must not exceed max_timeout"),
+        ({"profiles": {"x": {"no_such_limit": 1}}, "profile": "x"}, "no_such_limit"),
+    ],
+)
+def test_a_broken_policy_is_refused_when_the_settings_load(overrides, message):
+    with pytest.raises(InvalidRequestError, match=message):
+        settings(**overrides)
+
+
+@given(
+    default=st.integers(min_value=16, max_value=4096),
+    cap=st.integers(min_value=16, max_value=4096),
+    asked=st.integers(min_value=16, max_value=8192) | st.none(),
+)
+def test_per_language_caps_are_never_exceeded_whatever_the_overrides(default: int, cap: int, asked: int | None):
+    overrides = {"bash": {"default_memory_mb": default, "max_memory_mb": cap}}
+    if default > cap:
+        with pytest.raises(InvalidRequestError):
+            settings(language_limits=overrides)
+        return
+    policy = settings(language_limits=overrides)
+    request = ExecutionRequest(code="x", language="bash", memory_mb=asked)
+    if asked is not None and asked > cap:
+        with pytest.raises(LimitAboveCapError):
+            resolve_limits(request, policy, LANGUAGES)
+    else:
+        assert resolve_limits(request, policy, LANGUAGES).memory_mb == (default if asked is None else asked) <= cap
