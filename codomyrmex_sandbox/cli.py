@@ -12,6 +12,7 @@ to the program's output (``run``).
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -57,7 +58,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_command(settings: Settings, _args: argparse.Namespace) -> int:
-    anyio.run(_serve, settings)
+    stopped_by_signal = anyio.run(_serve, settings)
+    if stopped_by_signal:
+        # Every sandbox is removed and every record written; a worker thread may still be blocked
+        # reading stdin from a client that never closed it, and must not hold the exit.
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -99,20 +105,29 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(settings: Settings) -> None:
+async def _serve(settings: Settings) -> bool:
+    """Serve until stdin closes (returns False) or a signal arrives (returns True).
+
+    Either way the calls in flight are cancelled (their sandboxes killed, their audit records
+    finished as cancelled) and the Sandbox closes, removing every container, before this returns.
+    """
     from codomyrmex_sandbox.server import serve_stdio  # noqa: PLC0415 - the MCP SDK loads only to serve
 
+    signalled = False
     async with Sandbox(settings) as sandbox, anyio.create_task_group() as tg:
 
         async def stop_on_signal() -> None:
+            nonlocal signalled
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async for _ in signals:
+                    signalled = True
                     tg.cancel_scope.cancel()
                     return
 
         tg.start_soon(stop_on_signal)
         await serve_stdio(sandbox)
         tg.cancel_scope.cancel()
+    return signalled
 
 
 async def _run(settings: Settings, args: argparse.Namespace, code: str, stdin: str | None) -> int:

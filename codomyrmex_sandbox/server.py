@@ -8,6 +8,7 @@ message that says what to do.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -247,8 +248,21 @@ class _ProgressStreamer:
                 return
 
 
+class _StdinLines(anyio.AsyncFile[str]):
+    """stdin, line by line, read in a worker thread that a cancellation may abandon.
+
+    The SDK's default reader cannot be abandoned, so a shutdown on SIGTERM would wait until the
+    client sent another line or closed the pipe, keeping sandboxes (and warm ones) alive meanwhile.
+    """
+
+    async def readline(self) -> str:
+        return await anyio.to_thread.run_sync(self.wrapped.readline, abandon_on_cancel=True)
+
+
 async def serve_stdio(sandbox: Sandbox) -> None:
-    """Serve MCP on stdin/stdout until the client closes stdin."""
+    """Serve MCP on stdin/stdout until the client closes stdin, or the calling task is cancelled."""
     server = build_server(sandbox)
-    async with stdio_server() as (read_stream, write_stream):
+    # A duplicate of fd 0: closing this reader never closes the process's own stdin.
+    stdin = _StdinLines(open(os.dup(0), encoding="utf-8", errors="replace", closefd=True))  # noqa: SIM115, PTH123, ASYNC230 - a dup, never blocks
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
         await server.run(read_stream, write_stream, server.create_initialization_options())

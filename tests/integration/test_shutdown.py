@@ -1,0 +1,56 @@
+"""SIGTERM and SIGINT stop the server promptly: calls in flight are cancelled and every sandbox removed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import anyio
+import pytest
+
+pytestmark = pytest.mark.docker
+
+SLEEPER = "import subprocess\nsubprocess.run(['sleep', '63'])"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_kills_running_sandboxes_removes_warm_ones_and_ends_the_server(stdio, engine, signum):
+    failures: list[BaseException] = []
+    async with stdio() as mcp, anyio.create_task_group() as tg:
+
+        async def call() -> None:
+            try:
+                await mcp.call({"code": SLEEPER, "timeout_seconds": 60})
+            except Exception as exc:  # noqa: BLE001 - the server going away under the call is the point
+                failures.append(exc)
+
+        tg.start_soon(call)
+        running = await engine.wait_for_process(mcp.owner_pid, "sleep 63")
+        start = time.monotonic()
+        os.kill(mcp.owner_pid, signum)
+        # The client keeps the server's stdin open: the server must not wait for it to close.
+        with anyio.fail_after(10):
+            while _alive(mcp.owner_pid):  # noqa: ASYNC110 - no event tells when another process ends
+                await anyio.sleep(0.02)
+        exit_seconds = time.monotonic() - start
+        left = engine.containers(owners={mcp.owner_pid})
+        removed = not engine.is_running(running)
+
+    assert exit_seconds < 10
+    assert removed
+    assert left == [], "warm or running sandboxes outlived the server"
+    assert failures, "the call completed although its server was stopped"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie (exited, not yet reaped by its parent, the MCP client) has ended too.
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:  # noqa: PTH123 - procfs, instant
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
