@@ -61,7 +61,9 @@ class ResourceUsage(BaseModel):
     cpu_time_ms: float | None = Field(description="CPU time of every process in the sandbox, in milliseconds.")
     peak_memory_bytes: int | None = Field(description="Peak memory of the whole sandbox (page cache included).")
     memory_limit_hit: bool = Field(description="True when the sandbox reached its memory limit at least once.")
-    oom_kills: int = Field(default=0, description="Processes the kernel killed for lack of memory.")
+    oom_kills: int = Field(
+        default=0, description="Processes the kernel killed for lack of memory (at least this many)."
+    )
 
 
 class ExecutionResult(BaseModel):

@@ -98,7 +98,7 @@ class OutputCollector:
         if raw is None:
             return None
         try:
-            return base64.b64decode(raw, validate=True).decode("utf-8", errors="replace")
+            return sanitize(base64.b64decode(raw, validate=True).decode("utf-8", errors="replace"))
         except binascii.Error:
             return None
 

@@ -154,12 +154,18 @@ class Sandbox:
             self.audit.ended_without_result(execution_id, language, "denied", client, request=request, reason=str(exc))
             raise
         job = Job(execution_id, self.runtimes[request.language], code, stdin, limits, on_output)
+        admitted = False
         try:
             async with self.admission.slot():
+                admitted = True
                 self.audit.started(job, request, client)
                 return await self._run(job, request, client)
         except ServerBusyError as exc:
             self.audit.ended_without_result(execution_id, language, "busy", client, request=request, reason=str(exc))
+            raise
+        except anyio.get_cancelled_exc_class():
+            if not admitted:  # cancelled while waiting in the queue; _run audits the others
+                self.audit.ended_without_result(execution_id, language, "cancelled", client, request=request)
             raise
 
     async def _run(self, job: Job, request: ExecutionRequest, client: str | None) -> ExecutionResult:

@@ -234,10 +234,13 @@ class DockerBackend:
         payload = runner_header(nonce, job.code) + job.code + (job.stdin or b"")
         collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
         box = await self._take_warm(job)
+        warm = box is not None
         if box is None:
             box = await self._prepare(
                 job.runtime, job.limits, lifetime=job.limits.timeout_seconds, label=job.execution_id
             )
+        # The container id is in no result field; this record ties it to the execution's audit records.
+        get_logger(LOGGER).info("sandbox_assigned", execution_id=job.execution_id, container_id=box.cid, warm=warm)
         try:
             evidence, duration_ms = await self._run(box, job, payload, collector)
             usage = None
@@ -272,6 +275,9 @@ class DockerBackend:
         except SandboxError:
             await self._discard(box)
             return None
+        except BaseException:  # cancelled meanwhile: the member is ours, so it goes now
+            await self._discard(box)
+            raise
         return dataclasses.replace(box, memory_mb=job.limits.memory_mb)
 
     async def _prepare(self, runtime: RuntimeSpec, limits: Limits, *, lifetime: float, label: str) -> _Box:
@@ -528,9 +534,14 @@ def _with_limit_hit(usage: ResourceUsage, evidence: Evidence, limit_bytes: int) 
     """The limit sits on the container's own cgroup, so the parent's failure counter misses it:
     a peak at the limit (within the kernel's per-cgroup overhead) or an OOM kill also means it was hit."""
     at_limit = usage.peak_memory_bytes is not None and usage.peak_memory_bytes + 256 * 1024 >= limit_bytes
-    if usage.memory_limit_hit or not (at_limit or evidence.oom_killed):
-        return usage
-    return usage.model_copy(update={"memory_limit_hit": True})
+    update: dict[str, Any] = {}
+    if not usage.memory_limit_hit and (at_limit or evidence.oom_killed):
+        update["memory_limit_hit"] = True
+    if evidence.oom_killed and usage.oom_kills == 0:
+        # On cgroup v1 the count lives in the container's own cgroup, gone once it exited: the
+        # engine's OOM record proves at least one kill.
+        update["oom_kills"] = 1
+    return usage.model_copy(update=update) if update else usage
 
 
 def _is_orphan(labels: dict[str, str], host: str, now: float) -> bool:

@@ -7,6 +7,7 @@ import json
 import anyio
 import pytest
 from anyio import wait_all_tasks_blocked
+from structlog.testing import capture_logs
 
 from codomyrmex_sandbox import FakeBackend, FakeRun, InvalidRequestError, Sandbox, ServerBusyError, Settings
 
@@ -98,3 +99,23 @@ async def test_the_audit_log_file_gets_one_json_line_per_event_and_never_the_cod
     assert "cap of 300" in denied["reason"]
     assert all(r["schema"] == 1 and r["time"] for r in records)
     assert "secret-ish" not in path.read_text()
+
+
+async def test_a_call_cancelled_while_queued_is_audited_as_cancelled():
+    release = anyio.Event()
+    backend = FakeBackend(blocking_handler([], release))
+    settings = Settings.load(backend="fake", max_concurrent_executions=1, max_queued_executions=5)
+    async with Sandbox(settings, backend=backend) as sandbox:
+        with capture_logs() as logs:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(sandbox.execute, "running")
+                await wait_all_tasks_blocked()
+                async with anyio.create_task_group() as queued:
+                    queued.start_soon(sandbox.execute, "queued")
+                    await wait_all_tasks_blocked()
+                    assert sandbox.admission.waiting == 1
+                    queued.cancel_scope.cancel()
+                release.set()
+    records = [e for e in logs if e["event"] == "audit.execution"]
+    assert [r["status"] for r in records] == ["cancelled", "success"]
+    assert sandbox.admission.waiting == 0

@@ -141,3 +141,9 @@ async def test_output_is_sanitized_both_in_the_result_and_in_the_stream():
     collector, streamed = await collect([("stdout", b"\x1b[2Jok\x07\n")])
     assert collector.text("stdout") == "ok\\x07\n"
     assert "".join(text for _, text in streamed) == "ok\\x07\n"
+
+
+async def test_the_return_value_is_sanitized_too():
+    rv = base64.b64encode(b"'\x1b]52;c;aGk=\x07ok'")
+    collector, _ = await collect([("stdout", trailer("rv", rv))])
+    assert collector.return_value() == "'ok'"
