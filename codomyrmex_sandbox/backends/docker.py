@@ -1,10 +1,13 @@
-"""The Docker backend: one fresh, locked-down container per execution.
+"""The Docker backend: one fresh, locked-down container per execution, used once.
 
-Life of one execution: create the container (never pulling an image), attach to its streams,
-start it, send the runner's header, the code and stdin on its stdin, then read its output until
-it ends, the deadline passes, or a stream passes the cap. Any of the last two, or a cancelled
-call, kills the container: every process in it dies with it. The engine's record (exit code,
-OOM flag, start and finish times) decides the status. The container is always removed.
+Life of one execution: take a warm container from the pool (created, attached and started ahead
+of demand, its runner waiting for code), or create one (never pulling an image); send the
+runner's header, the code and stdin on its stdin; read its output until the runner reports the
+program's end on both streams, the streams end, the deadline passes, or a stream passes the cap.
+The last two, or a cancelled call, kill the container: every process in it dies with it. The
+status comes from evidence: the runner's report of a deliberate exit, the kernel's OOM count for
+the container (or the engine's record of exit code and OOM flag when the runner could not
+report). The container is always removed, off the caller's clock once the result is decided.
 
 docker-py is synchronous, so each engine call runs in a worker thread; its exceptions (and those
 of requests) are translated into this package's errors here and nowhere else.
