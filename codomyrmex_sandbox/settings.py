@@ -49,12 +49,8 @@ class _TomlValues(PydanticBaseSettingsSource):
         return dict(_config_file.get() or {})
 
 
-class LimitPolicy(BaseModel):
-    """The limits one language runs under: a default and a cap for what a call may choose (timeout,
-    memory), and fixed values for the rest. A call may lower its timeout and memory, never raise
-    them above the caps."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class LimitFields(BaseModel):
+    """The limit settings, declared once: the base settings carry them, and so does each policy."""
 
     default_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
     max_timeout_seconds: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0
@@ -70,6 +66,14 @@ class LimitPolicy(BaseModel):
     max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
     max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
     max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+
+
+class LimitPolicy(LimitFields):
+    """The limits one language runs under: a default and a cap for what a call may choose (timeout,
+    memory), and fixed values for the rest. A call may lower its timeout and memory, never raise
+    them above the caps."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="after")
     def _defaults_within_caps(self) -> Self:
@@ -113,7 +117,7 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-class Settings(BaseSettings):
+class Settings(BaseSettings, LimitFields):
     """Operator settings. Per-call arguments may lower limits, never raise them above the caps here."""
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
@@ -124,21 +128,6 @@ class Settings(BaseSettings):
     languages: list[str] | None = Field(
         default=None, description="Languages to enable; default every runtime found in the runtimes folder."
     )
-
-    default_timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] = 30.0
-    max_timeout_seconds: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = 300.0
-    default_memory_mb: Annotated[int, Field(ge=16)] = 256
-    max_memory_mb: Annotated[int, Field(ge=16, le=1_048_576)] = 2048
-
-    cpus: Annotated[float, Field(gt=0, le=256, allow_inf_nan=False)] = 1.0
-    pids_limit: Annotated[int, Field(ge=8, le=65_536)] = 128
-    open_files_limit: Annotated[int, Field(ge=16, le=1_048_576)] = 256
-    file_size_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 64
-    scratch_mb: Annotated[int, Field(ge=1, le=1_048_576)] = 64
-
-    max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
-    max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
-    max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
 
     profile: str = Field(default="default", description="The named set of limits this server applies.")
     profiles: dict[str, dict[str, Any]] = Field(
