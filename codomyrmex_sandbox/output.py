@@ -105,7 +105,7 @@ class OutputCollector:
     def reported_exit(self) -> int | None:
         """The exit status the runner reported for a deliberate exit, if it did."""
         raw = self.trailers.get("exit")
-        if raw is None or not raw.isdigit() or len(raw) > 5:  # noqa: PLR2004 - a short decimal
+        if raw is None or not raw.isdigit() or len(raw) > 3 or int(raw) > 255:  # noqa: PLR2004 - an exit status
             return None
         return int(raw)
 

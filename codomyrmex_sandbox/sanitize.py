@@ -28,8 +28,8 @@ _ESCAPES = re.compile(
     r"""
     \x1b\[[0-?]*[ -/]*[@-~]?                       # CSI: ESC [ params intermediates final
     | \x9b[0-?]*[ -/]*[@-~]?                        # 8-bit CSI
-    | \x1b[\]PX^_].*?(?:\x07|\x1b\\|\x9c|$)         # OSC, DCS, SOS, PM, APC up to BEL or ST (or the end)
-    | [\x90\x98\x9d\x9e\x9f].*?(?:\x07|\x1b\\|\x9c|$)  # their 8-bit introducers
+    | \x1b[\]PX^_][^\x07\x1b\x9c]{0,65536}(?:\x07|\x1b\\|\x9c)   # OSC, DCS, SOS, PM, APC, up to BEL or ST
+    | [\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c]{0,65536}(?:\x07|\x1b\\|\x9c)  # their 8-bit introducers
     | \x1b[ -/]*[0-~]?                               # other escapes: ESC ( B, ESC c (reset), a lone ESC
     """,
     re.VERBOSE | re.DOTALL,

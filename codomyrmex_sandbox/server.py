@@ -8,16 +8,20 @@ message that says what to do.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any
 
 import anyio
 import mcp_types as types
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from mcp.shared.exceptions import MCPError
+from mcp.shared.message import SessionMessage
+from pydantic import ValidationError
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
@@ -149,7 +153,7 @@ async def _call_execute(
     language = arguments.get("language", "python")
     if isinstance(timeout, int | float):
         total = float(timeout)
-    elif language in sandbox.runtimes:
+    elif isinstance(language, str) and language in sandbox.runtimes:
         total = sandbox.settings.policy(language).default_timeout_seconds
     else:
         total = sandbox.settings.policy().default_timeout_seconds
@@ -253,10 +257,36 @@ class _StdinLines(anyio.AsyncFile[str]):
 
     The SDK's default reader cannot be abandoned, so a shutdown on SIGTERM would wait until the
     client sent another line or closed the pipe, keeping sandboxes (and warm ones) alive meanwhile.
+    It also sets aside requests whose id is not a valid JSON-RPC id, which the SDK would take for
+    notifications and never answer; `_answer_malformed` answers them.
     """
 
+    def __init__(self, fp: Any) -> None:  # noqa: ANN401 - a text file
+        super().__init__(fp)
+        self.rejected_send, self.rejected = anyio.create_memory_object_stream[types.JSONRPCError](64)
+
     async def readline(self) -> str:
-        return await anyio.to_thread.run_sync(self.wrapped.readline, abandon_on_cancel=True)
+        while True:
+            line: str = await anyio.to_thread.run_sync(self.wrapped.readline, abandon_on_cancel=True)
+            if not _has_invalid_id(line):
+                return line
+            error = types.ErrorData(
+                code=types.INVALID_REQUEST, message="invalid request: id must be a string or a number"
+            )
+            await self.rejected_send.send(types.JSONRPCError(jsonrpc="2.0", id=None, error=error))
+
+
+def _has_invalid_id(line: str) -> bool:
+    if '"id"' not in line:
+        return False
+    try:
+        data = json.loads(line)
+    except (ValueError, RecursionError):
+        return False  # the SDK answers what does not parse
+    if not isinstance(data, dict) or "id" not in data:
+        return False
+    value = data["id"]
+    return isinstance(value, bool) or not isinstance(value, str | int)
 
 
 async def serve_stdio(sandbox: Sandbox) -> None:
@@ -264,5 +294,61 @@ async def serve_stdio(sandbox: Sandbox) -> None:
     server = build_server(sandbox)
     # A duplicate of fd 0: closing this reader never closes the process's own stdin.
     stdin = _StdinLines(open(os.dup(0), encoding="utf-8", errors="replace", closefd=True))  # noqa: SIM115, PTH123, ASYNC230 - a dup, never blocks
-    async with stdio_server(stdin=stdin) as (read_stream, write_stream):
-        await server.run(read_stream, write_stream, server.create_initialization_options())
+    async with stdio_server(stdin=stdin) as (read_stream, write_stream), anyio.create_task_group() as tg:
+        # Lines that are not JSON-RPC messages reach the server as exceptions, which the SDK drops
+        # without an answer: a client waiting on that id would wait forever. Answer them here.
+        checked_send, checked_receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
+        tg.start_soon(_answer_malformed, read_stream, checked_send, write_stream)
+        tg.start_soon(_answer_rejected, stdin.rejected, write_stream)
+        await server.run(checked_receive, write_stream, server.create_initialization_options())
+        tg.cancel_scope.cancel()
+
+
+async def _answer_malformed(
+    incoming: MemoryObjectReceiveStream[SessionMessage | Exception],
+    forward: MemoryObjectSendStream[SessionMessage | Exception],
+    outgoing: MemoryObjectSendStream[SessionMessage],
+) -> None:
+    async with incoming, forward:
+        async for item in incoming:
+            if not isinstance(item, Exception):
+                await forward.send(item)
+                continue
+            request_id, code, message = _describe_malformed(item)
+            get_logger("codomyrmex_sandbox.server").info("malformed_message", code=code, error=message[:200])
+            error = types.JSONRPCError(jsonrpc="2.0", id=request_id, error=types.ErrorData(code=code, message=message))
+            await outgoing.send(SessionMessage(error))
+
+
+async def _answer_rejected(
+    rejected: MemoryObjectReceiveStream[types.JSONRPCError], outgoing: MemoryObjectSendStream[SessionMessage]
+) -> None:
+    async with rejected:
+        async for error in rejected:
+            await outgoing.send(SessionMessage(error))
+
+
+def _describe_malformed(exc: Exception) -> tuple[str | int | None, int, str]:
+    """The id to answer (when the line carried one), the JSON-RPC error code, and a message."""
+    errors = exc.errors(include_url=False) if isinstance(exc, ValidationError) else []
+    if errors and errors[0]["type"] == "json_invalid":
+        # Python's own parser accepts what the SDK's strict one refuses (lone surrogates above all):
+        # it recovers the id, so that the client waiting on it gets its answer.
+        try:
+            data = json.loads(errors[0]["input"])
+        except (TypeError, ValueError, RecursionError):
+            return None, types.PARSE_ERROR, f"parse error: {errors[0]['msg']}"
+        request_id = _lenient_id([data])
+        return request_id, types.INVALID_PARAMS, f"invalid params: {errors[0]['msg']}; send valid UTF-8 text"
+    request_id = _lenient_id([error.get("input") for error in errors])
+    summary = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:3]) or str(exc)
+    return request_id, types.INVALID_REQUEST, f"invalid request: {summary[:500]}"
+
+
+def _lenient_id(inputs: list[Any]) -> str | int | None:
+    """The id of the message that failed validation, when it is a valid id at all."""
+    for data in inputs:
+        value = data.get("id") if isinstance(data, dict) else None
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            return value
+    return None

@@ -9,6 +9,11 @@ head -c "$length" > /sandbox/main.sh || exit 125
 # taken for a SIGKILL and the host knows both streams are complete. The nonce is an argument,
 # never part of printf's format: a leading digit would read as octal.
 trap "__rc=\$?; printf '\\0%s:exit=%d\\0' '${nonce}' \"\$__rc\"; printf '\\0%s:exit=%d\\0' '${nonce}' \"\$__rc\" >&2" EXIT
-unset magic nonce length
+# A fatal signal makes bash run the EXIT trap too, which would report a deliberate exit: on those
+# signals, drop the trap and die by the signal itself, so the engine records how it really ended.
+for __sig in HUP INT QUIT ABRT USR1 USR2 ALRM TERM PIPE; do
+  trap "trap - EXIT $__sig; kill -$__sig \$\$" "$__sig"
+done
+unset magic nonce length __sig
 BASH_ARGV0=main.sh
 source /sandbox/main.sh

@@ -44,7 +44,8 @@ fs.writeFileSync(file, source);
 // Linux, so everything the program wrote before is already on its way.
 process.on('exit', (code) => {
   for (const fd of [1, 2]) {
-    try { fs.writeSync(fd, `\0${nonce}:exit=${code}\0`); } catch (e) { /* stream closed */ }
+    // The kernel keeps the low 8 bits of an exit status: report what the process really returns.
+    try { fs.writeSync(fd, `\0${nonce}:exit=${code & 0xff}\0`); } catch (e) { /* stream closed */ }
   }
 });
 // Node prints an uncaught error through buffered C stdio, after the 'exit' handlers: print it

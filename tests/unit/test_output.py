@@ -147,3 +147,13 @@ async def test_the_return_value_is_sanitized_too():
     rv = base64.b64encode(b"'\x1b]52;c;aGk=\x07ok'")
     collector, _ = await collect([("stdout", trailer("rv", rv))])
     assert collector.return_value() == "'ok'"
+
+
+def test_an_unterminated_escape_string_cannot_hide_the_rest_of_the_output():
+    assert sanitize("before\x1b]0;title without end\nafter\n") == "before0;title without end\nafter\n"
+    assert sanitize("x\x9dstring without end") == "x\\x9dstring without end"
+
+
+async def test_a_reported_exit_status_above_255_is_not_believed():
+    collector, _ = await collect([("stdout", trailer("exit", b"256"))])
+    assert collector.reported_exit() is None
