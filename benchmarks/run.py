@@ -49,6 +49,8 @@ IMAGE_COMMANDS = {
     "bash": ["bash", "-c", "echo 1"],
 }
 SCRIPT = Path(sys.executable).parent / "codomyrmex-sandbox"
+SETTLE_SECONDS = 0.3  # between latency samples: the previous sandbox's removal finishes
+STDIO_SETTLE_SECONDS = 0.8  # and, over stdio, the pool refills
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -67,9 +69,14 @@ def timed(argv: list[str], count: int) -> list[float]:
     return samples
 
 
-async def atimed(run: Callable[[], Awaitable[object]], count: int) -> list[float]:
+async def atimed(
+    run: Callable[[], Awaitable[object]], count: int, settle: Callable[[], Awaitable[object]] | None = None
+) -> list[float]:
+    """Wall time of ``run`` in ms, ``count`` times; ``settle`` (untimed) runs before each sample."""
     samples = []
     for _ in range(count):
+        if settle is not None:
+            await settle()
         start = time.perf_counter()
         await run()
         samples.append((time.perf_counter() - start) * 1000)
@@ -103,10 +110,15 @@ async def api_latency(pool_size: int, count: int) -> dict[str, Any]:
                 result = await sandbox.execute(code, language=language)
                 if result.status != "success":
                     raise RuntimeError(result)
+
+            async def settle(language: str = language) -> None:
+                # A call that finds the pool full and the last sandbox removed: a user's next call
+                # a moment later, not a flood (the throughput rows measure floods).
                 if pool_size:
                     await _refilled(sandbox, language, pool_size)
+                await anyio.sleep(SETTLE_SECONDS)
 
-            out[f"api {language} pool={pool_size}"] = percentiles(await atimed(once, count))
+            out[f"api {language} pool={pool_size}"] = percentiles(await atimed(once, count, settle))
     return out
 
 
@@ -116,18 +128,18 @@ async def stdio_latency(pool_size: int, count: int) -> dict[str, Any]:
     params = StdioServerParameters(command=str(SCRIPT), args=["serve"], env=env)
     async with Client(params) as client:
         for language, code in HELLO.items():
-            await client.call_tool("execute_code", {"code": code, "language": language})  # the pool fills meanwhile
-            if pool_size:
-                await anyio.sleep(2)  # a quiet moment so each sample finds a ready member
+            await client.call_tool("execute_code", {"code": code, "language": language})
 
             async def once(language: str = language, code: str = code) -> None:
                 result = await client.call_tool("execute_code", {"code": code, "language": language})
                 if result.is_error or (result.structured_content or {}).get("status") != "success":
                     raise RuntimeError(result)
-                if pool_size:
-                    await anyio.sleep(0.4)  # let the pool refill between samples (not timed)
 
-            out[f"mcp stdio {language} pool={pool_size}"] = percentiles(await atimed(once, count))
+            async def settle() -> None:
+                # The server is another process: give its pool time to refill (untimed).
+                await anyio.sleep(STDIO_SETTLE_SECONDS if pool_size else SETTLE_SECONDS)
+
+            out[f"mcp stdio {language} pool={pool_size}"] = percentiles(await atimed(once, count, settle))
     return out
 
 

@@ -15,6 +15,7 @@ and the CLI can be tested without an engine::
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -97,7 +98,7 @@ class FakeBackend:
     async def execute(self, job: Job) -> ExecutionResult:
         if job.runtime.name in self._missing:
             raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
-        self.jobs.append(job)
+        self.jobs.append(dataclasses.replace(job, on_output=None))  # the callback would keep its caller alive
         collector = OutputCollector(job.limits.output_bytes, _NONCE, job.on_output)
         run = FakeRun(job, collector)
         started = time.monotonic()
