@@ -277,7 +277,7 @@ class _StdinLines(anyio.AsyncFile[str]):
 
 
 def _has_invalid_id(line: str) -> bool:
-    if '"id"' not in line:
+    if '"id"' not in line and "\\u" not in line:  # the key may be spelled with escapes
         return False
     try:
         data = json.loads(line)

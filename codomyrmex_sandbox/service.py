@@ -43,6 +43,12 @@ class Sandbox:
     def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None) -> None:
         self.settings = settings or Settings.load()
         self.runtimes: dict[str, RuntimeSpec] = load_runtimes(self.settings.runtimes_dir, self.settings.languages)
+        unknown = sorted(set(self.settings.language_limits) - set(self.runtimes))
+        if unknown:
+            raise InvalidRequestError(
+                f"language_limits names {unknown}, which this server does not run; "
+                f"use one of: {', '.join(sorted(self.runtimes))}."
+            )
         self.backend: Backend = backend or create_backend(self.settings, self.runtimes)
         self.admission = Admission(
             self.settings.max_concurrent_executions,

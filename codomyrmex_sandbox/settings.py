@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import os
 import tomllib
+from collections.abc import Callable
 from contextvars import ContextVar
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
 
@@ -175,8 +177,21 @@ class Settings(BaseSettings, LimitFields):
         if self.profile not in BUILTIN_PROFILES and self.profile not in self.profiles:
             known = sorted({*BUILTIN_PROFILES, *self.profiles})
             raise ValueError(f"unknown profile {self.profile!r}; known: {', '.join(known)}")
-        for language in (None, *self.language_limits):
-            self.policy(language)  # raises on an unknown limit name or a default above its cap
+        base = {field: getattr(self, field) for field in LIMIT_FIELDS}
+        checks: list[tuple[str, Callable[[], object]]] = [("the selected profile", self.policy)]
+        checks += [(f"language_limits[{lang!r}]", partial(self.policy, lang)) for lang in self.language_limits]
+        # Profiles not selected today are checked too: selecting one later must not be a surprise.
+        checks += [
+            (f"profile {name!r}", partial(LimitPolicy.model_validate, base | overrides))
+            for name, overrides in self.profiles.items()
+        ]
+        for where, check in checks:
+            try:
+                check()
+            except ValidationError as exc:
+                first = exc.errors(include_url=False)[0]
+                field = ".".join(str(part) for part in first["loc"])
+                raise ValueError(f"{where}: {field + ': ' if field else ''}{first['msg']}") from exc
         return self
 
     def policy(self, language: str | None = None) -> LimitPolicy:

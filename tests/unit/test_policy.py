@@ -177,8 +177,9 @@ def test_operator_profiles_and_per_language_overrides_apply_in_that_order():
     [
         ({"profile": "nope"}, "unknown profile 'nope'; known: data-science, default, strict"),
         ({"language_limits": {"python": {"max_memory_mb": 8}}}, "max_memory_mb"),
-        ({"language_limits": {"python": {"default_timeout_seconds": 400}}}, "must not exceed max_timeout"),
+        ({"language_limits": {"python": {"default_timeout_seconds": 400}}}, r"language_limits\['python'\]: .*must not"),
         ({"profiles": {"x": {"no_such_limit": 1}}, "profile": "x"}, "no_such_limit"),
+        ({"profiles": {"unused": {"max_timeout_seconds": 1}}}, "profile 'unused'"),
     ],
 )
 def test_a_broken_policy_is_refused_when_the_settings_load(overrides, message):

@@ -226,3 +226,8 @@ async def test_the_library_never_writes_to_stdout_even_with_structlog_unconfigur
     captured = capsys.readouterr()
     assert captured.out == ""
     assert '"event": "audit.execution"' in captured.err
+
+
+def test_limits_for_a_language_the_server_does_not_run_are_refused_at_start():
+    with pytest.raises(InvalidRequestError, match=r"language_limits names \['cobol'\]"):
+        Sandbox(Settings.load(backend="fake", language_limits={"cobol": {"max_memory_mb": 512}}), backend=FakeBackend())
