@@ -130,8 +130,10 @@ def engine_warnings(settings: Settings, info: dict[str, Any], version: dict[str,
             f"runc {runc.get('Version')} is older than 1.1.12, which fixed a container escape "
             "(CVE-2024-21626, 'Leaky Vessels'); upgrade runc unless your distribution backported the fix"
         )
-    if settings.network != "none":
-        warnings.append(f"sandboxes have network access ({settings.network})")
+    if settings.policy().network != "none" or any(
+        settings.policy(language).network != "none" for language in settings.language_limits
+    ):
+        warnings.append('some sandboxes have outbound network access (network = "egress")')
     return warnings
 
 

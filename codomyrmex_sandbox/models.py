@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -50,7 +50,7 @@ class Limits(BaseModel):
     file_size_mb: int
     scratch_mb: int
     output_bytes: int
-    network: str = "none"
+    network: Literal["none", "egress"] = "none"
 
 
 class ResourceUsage(BaseModel):

@@ -38,10 +38,10 @@ def resolve_limits(request: ExecutionRequest, settings: Settings, languages: lis
     """The effective limits for this request, or an InvalidRequestError naming what to change."""
     if request.language not in languages:
         raise UnknownLanguageError(request.language, languages)
-    return limits_for(request, settings.policy(request.language), settings.network)
+    return limits_for(request, settings.policy(request.language))
 
 
-def limits_for(request: ExecutionRequest, policy: LimitPolicy, network: str = "none") -> Limits:
+def limits_for(request: ExecutionRequest, policy: LimitPolicy) -> Limits:
     """The effective limits of ``request`` under ``policy``, or a LimitAboveCapError naming the cap."""
     timeout = policy.default_timeout_seconds if request.timeout_seconds is None else request.timeout_seconds
     if timeout > policy.max_timeout_seconds:
@@ -58,7 +58,7 @@ def limits_for(request: ExecutionRequest, policy: LimitPolicy, network: str = "n
         file_size_mb=policy.file_size_mb,
         scratch_mb=policy.scratch_mb,
         output_bytes=policy.max_output_bytes,
-        network=network,
+        network=policy.network,
     )
 
 

@@ -93,7 +93,12 @@ def input_schema(sandbox: Sandbox) -> dict[str, Any]:
 
 def tool_description(sandbox: Sandbox) -> str:
     settings = sandbox.settings
-    network = "no network access" if settings.network == "none" else f"network: {settings.network}"
+    egress = [language for language in sandbox.languages if settings.policy(language).network == "egress"]
+    network = (
+        f"outbound internet access for {', '.join(egress)} (never the host or private networks)"
+        if egress
+        else "no network access"
+    )
     return (
         "Run code in a fresh, isolated sandbox and return its output. Each call starts from a clean "
         "machine: nothing persists between calls, there is no access to the host's files, and "
@@ -115,7 +120,7 @@ def build_tool(sandbox: Sandbox) -> types.Tool:
             read_only_hint=False,
             destructive_hint=False,
             idempotent_hint=False,
-            open_world_hint=sandbox.settings.network != "none",
+            open_world_hint=any(sandbox.settings.policy(lang).network != "none" for lang in sandbox.languages),
         ),
     )
 

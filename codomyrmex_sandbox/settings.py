@@ -68,6 +68,11 @@ class LimitFields(BaseModel):
     max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
     max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
     max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+    network: Literal["none", "egress"] = Field(
+        default="none",
+        description="none (default): no network. egress: the public internet only, never the host, "
+        "private ranges, link-local/metadata addresses or other sandboxes.",
+    )
 
 
 class LimitPolicy(LimitFields):
@@ -156,9 +161,6 @@ class Settings(BaseSettings, LimitFields):
         default=300.0, description="Idle pool members older than this are replaced."
     )
 
-    network: Literal["none"] = Field(
-        default="none", description="Network mode of sandboxes; only none exists in this version."
-    )
     oci_runtime: str | None = Field(
         default=None, description="OCI runtime for sandboxes, e.g. runsc (gVisor); default the engine's."
     )

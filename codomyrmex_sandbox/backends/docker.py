@@ -45,6 +45,7 @@ from codomyrmex_sandbox.backends.base import (
     runner_header,
 )
 from codomyrmex_sandbox.backends.cgroups import CGROUP_ROOT, CgroupAccounting
+from codomyrmex_sandbox.backends.egress import ensure_egress
 from codomyrmex_sandbox.backends.pool import WarmPool
 from codomyrmex_sandbox.errors import (
     BackendError,
@@ -122,6 +123,7 @@ class DockerBackend:
         self._threads = anyio.CapacityLimiter(256)
         self._accounting: CgroupAccounting | None = None
         self._janitor: MemoryObjectSendStream[_Box] | None = None
+        self._egress: str | None = None  # the egress network's name, once it and its rules exist
         # Pool members are created with the default limits; a call that asks for other memory
         # gets the member's limit changed in place before the handover.
         self._pool_limits = {
@@ -287,6 +289,9 @@ class DockerBackend:
         """Create, attach to and start a sandbox; its runner then waits for code on stdin."""
         client = await self._api_client()
         parent = None if self._accounting is None else self._accounting.parent_for(secrets.token_hex(16))
+        if limits.network == "egress" and self._egress is None:
+            # Fails closed: no egress sandbox starts unless its network and firewall rules are in place.
+            self._egress = await self._call(ensure_egress, client)
         create = partial(self._create, client, runtime, limits, cgroup_parent=parent, lifetime=lifetime, label=label)
         cid = await self._call(create)
         self._live.add(cid)
@@ -398,8 +403,10 @@ class DockerBackend:
             LABEL_PID: str(os.getpid()),
         }
         scratch = f"rw,nosuid,nodev,size={limits.scratch_mb}m"
+        egress = limits.network == "egress" and self._egress is not None
         host_config = api.create_host_config(
-            network_mode="none",
+            network_mode=self._egress if egress else "none",
+            sysctls={"net.ipv6.conf.all.disable_ipv6": "1"} if egress else None,
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
             read_only=True,
@@ -434,7 +441,7 @@ class DockerBackend:
                 environment={},
                 working_dir=WORKDIR,
                 hostname="sandbox",
-                network_disabled=True,
+                network_disabled=not egress,
                 labels=labels,
                 host_config=host_config,
             )

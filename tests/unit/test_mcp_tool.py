@@ -136,3 +136,12 @@ async def test_an_unknown_tool_is_a_protocol_error():
     async with connected() as client:
         with pytest.raises(Exception, match="unknown tool"):
             await client.call_tool("run_shell", {"cmd": "id"})
+
+
+async def test_the_tool_says_its_world_is_open_only_when_egress_is_granted():
+    settings = Settings.load(backend="fake", language_limits={"python": {"network": "egress"}})
+    async with Sandbox(settings, backend=FakeBackend(greets)) as sandbox, Client(build_server(sandbox)) as client:
+        (tool,) = (await client.list_tools()).tools
+    assert tool.annotations is not None
+    assert tool.annotations.open_world_hint is True
+    assert "outbound internet access for python" in (tool.description or "")

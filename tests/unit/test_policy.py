@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from codomyrmex_sandbox import InvalidRequestError, LimitAboveCapError, Settings, UnknownLanguageError
+from codomyrmex_sandbox.backends.egress import BRIDGE, firewall_rules
 from codomyrmex_sandbox.models import ExecutionRequest, request_from_arguments
 from codomyrmex_sandbox.policy import check_payload, resolve_limits
 
@@ -205,3 +206,19 @@ def test_per_language_caps_are_never_exceeded_whatever_the_overrides(default: in
             resolve_limits(request, policy, LANGUAGES)
     else:
         assert resolve_limits(request, policy, LANGUAGES).memory_mb == (default if asked is None else asked) <= cap
+
+
+def test_the_network_mode_is_part_of_the_policy_and_egress_can_be_granted_per_language():
+    policy = settings(language_limits={"python": {"network": "egress"}})
+    assert resolve_limits(ExecutionRequest(code="x"), policy, LANGUAGES).network == "egress"
+    assert resolve_limits(ExecutionRequest(code="x", language="bash"), policy, LANGUAGES).network == "none"
+    with pytest.raises(InvalidRequestError, match="network"):
+        settings(network="host")
+
+
+def test_the_egress_firewall_drops_the_host_and_every_non_public_range():
+    rules = firewall_rules()
+    assert ("INPUT", ["-i", BRIDGE, "-m", "comment", "--comment", "codomyrmex-sandbox egress", "-j", "DROP"]) in rules
+    dropped = {rule[rule.index("-d") + 1] for chain, rule in rules if chain == "DOCKER-USER"}
+    assert {"10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "169.254.0.0/16", "127.0.0.0/8"} <= dropped
+    assert all(rule[-2:] == ["-j", "DROP"] for _, rule in rules)
