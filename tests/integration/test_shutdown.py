@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 
 import anyio
+import docker.errors
 import pytest
+
+from codomyrmex_sandbox import Sandbox, Settings
+from codomyrmex_sandbox.backends.docker import LABEL_EXPIRES, LABEL_HOST, LABEL_PID, MANAGED
 
 pytestmark = pytest.mark.docker
 
@@ -54,3 +59,29 @@ def _alive(pid: int) -> bool:
             return stat.read().split(")")[-1].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+async def test_the_reaper_removes_a_project_container_whose_deadline_passed_while_the_server_runs(engine):
+    settings = Settings.load(reaper_interval_seconds=0.2, pool_size=0)
+    async with Sandbox(settings) as sandbox:
+        image = sandbox.runtimes["bash"].image(settings.image_prefix)
+        # Started after the startup sweep ran: a sandbox whose kill was lost, its deadline past.
+        stray = engine.api.create_container(
+            image,
+            ["sleep", "300"],
+            labels={
+                MANAGED: "true",
+                LABEL_EXPIRES: f"{time.time() - 1:.3f}",
+                LABEL_HOST: "another-host",
+                LABEL_PID: "1",
+            },
+            host_config=engine.api.create_host_config(network_mode="none"),
+        )["Id"]
+        try:
+            engine.api.start(stray)
+            removed_after = await engine.wait_until_removed(stray, within=10)
+        finally:
+            with contextlib.suppress(docker.errors.APIError):
+                engine.api.remove_container(stray, force=True)
+
+    assert removed_after < 10
