@@ -101,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
     build = runtime_commands.add_parser("build", help="build every runtime image")
     build.add_argument("--force", action="store_true", help="rebuild images that are up to date")
     build.add_argument("--offline", action="store_true", help="never pull: bootstrap the base image locally")
+    build.add_argument(
+        "--prune", action="store_true", help="then untag images that earlier recipes of these runtimes built"
+    )
     build.add_argument("languages", nargs="*", help="only these runtimes (default: all)")
     return parser
 
@@ -188,7 +191,7 @@ def _runtimes(settings: Settings, args: argparse.Namespace) -> int:
         sys.stderr.write(f"[runtimes] {line}\n")
         sys.stderr.flush()
 
-    versions = build_runtimes(settings, runtimes, report, force=args.force, offline=args.offline)
+    versions = build_runtimes(settings, runtimes, report, force=args.force, offline=args.offline, prune=args.prune)
     for name, version in sorted(versions.items()):
         sys.stdout.write(f"{name}: {version}\n")
     return 0

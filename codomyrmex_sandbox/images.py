@@ -40,16 +40,24 @@ def build_runtimes(
     *,
     force: bool = False,
     offline: bool = False,
+    prune: bool = False,
 ) -> dict[str, str]:
-    """Build every runtime image that is missing (all of them with ``force``); returns name -> version."""
+    """Build every runtime image that is missing (all of them with ``force``); returns name -> version.
+
+    With ``prune``, images that earlier recipes of these runtimes built are untagged afterwards.
+    Not the default: another checkout of the project on the same engine may still use them.
+    """
     client = connect(settings)
     try:
         ensure_base_image(client, report, offline=offline)
-        return {name: _build_one(client, settings, spec, report, force=force) for name, spec in runtimes.items()}
+        versions = {name: _build_one(client, settings, spec, report, force=force) for name, spec in runtimes.items()}
+        for spec in runtimes.values() if prune else ():
+            _remove_stale(client, settings, spec, report)
     except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
         raise BackendError(f"building the runtime images failed: {exc}") from exc
     finally:
         client.close()
+    return versions
 
 
 def ensure_base_image(client: docker.DockerClient, report: Report, *, offline: bool = False) -> None:
@@ -144,6 +152,22 @@ def _build_one(
     client.api.remove_image(stage, noprune=True)
     report(f"{spec.name}: built {image} ({version})")
     return version
+
+
+def _remove_stale(client: docker.DockerClient, settings: Settings, spec: RuntimeSpec, report: Report) -> None:
+    """Untag images an earlier recipe of this runtime built (each can be a gigabyte); the engine frees
+    their layers once nothing uses them. An image a running container uses stays until it ends."""
+    current = spec.image(settings.image_prefix)
+    repository = current.rsplit(":", 1)[0]
+    for image in client.images.list(name=repository):
+        for tag in image.tags:
+            if tag != current and tag.startswith(f"{repository}:"):
+                try:
+                    client.images.remove(tag, noprune=False)
+                except docker.errors.APIError as exc:  # in use: the next build tries again
+                    report(f"{spec.name}: kept stale image {tag} ({_first_line(exc)})")
+                else:
+                    report(f"{spec.name}: removed stale image {tag}")
 
 
 def _report_build_event(name: str, event: dict[str, Any], report: Report) -> None:

@@ -1,11 +1,14 @@
-"""SIGTERM and SIGINT stop the server promptly: calls in flight are cancelled and every sandbox removed."""
+"""Lifecycle: signals stop the server promptly, the reaper removes lost sandboxes, builds prune on request."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import anyio
 import docker.errors
@@ -85,3 +88,29 @@ async def test_the_reaper_removes_a_project_container_whose_deadline_passed_whil
                 engine.api.remove_container(stray, force=True)
 
     assert removed_after < 10
+
+
+def test_runtimes_build_with_prune_untags_only_the_images_of_earlier_recipes(engine):
+    settings = Settings.load()
+    current = Sandbox(settings).runtimes["bash"].image(settings.image_prefix)
+    stale = current.rsplit(":", 1)[0] + ":0123456789abcdef"
+    engine.api.tag(current, *stale.rsplit(":", 1))
+    script = Path(sys.executable).parent / "codomyrmex-sandbox"
+    try:
+        kept = subprocess.run(
+            [script, "runtimes", "build", "bash"], check=False, capture_output=True, text=True, timeout=120
+        )
+        tags_after_plain_build = {t for i in engine.api.images(name=current.rsplit(":", 1)[0]) for t in i["RepoTags"]}
+        pruned = subprocess.run(
+            [script, "runtimes", "build", "--prune", "bash"], check=False, capture_output=True, text=True, timeout=120
+        )
+        tags_after_prune = {t for i in engine.api.images(name=current.rsplit(":", 1)[0]) for t in i["RepoTags"]}
+    finally:
+        with contextlib.suppress(docker.errors.APIError):
+            engine.api.remove_image(stale)
+
+    assert kept.returncode == 0, kept.stderr
+    assert stale in tags_after_plain_build  # never pruned unless asked
+    assert pruned.returncode == 0, pruned.stderr
+    assert f"removed stale image {stale}" in pruned.stderr
+    assert tags_after_prune == {current}
