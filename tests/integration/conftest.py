@@ -15,16 +15,12 @@ from __future__ import annotations
 import asyncio
 import os
 import secrets
-import shutil
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -32,71 +28,42 @@ import anyio.to_thread
 import docker
 import docker.errors
 import pytest
-import requests.exceptions
 from mcp import Client, StdioServerParameters
 from mcp_types import CallToolResult
 
 from codomyrmex_sandbox import Sandbox, Settings
-from codomyrmex_sandbox.runtimes import load_runtimes
 from codomyrmex_sandbox.server import build_server
+from tests.support import (
+    EXECUTION_ID,
+    MANAGED,
+    TOOL,
+    OwnedSandboxes,
+    checked_engine,
+    child_with_variable,
+    console_script,
+    describe,
+    inherited_environment,
+)
 
-MANAGED = "io.codomyrmex.sandbox.managed"
-OWNER_PID = "io.codomyrmex.sandbox.owner-pid"
-OWNER_HOST = "io.codomyrmex.sandbox.owner-host"
-EXECUTION_ID = "io.codomyrmex.sandbox.execution-id"
-
-TOOL = "execute_code"
 CANARY_VARIABLE = "CODOMYRMEX_TEST_CANARY"
 CALL_DEADLINE = 60.0  # no single call in these tests may take longer: a hang fails, it does not stall CI
 LEFTOVER_DEADLINE = 5.0
-FIX_ENGINE = "start the Docker engine (e.g. `sudo systemctl start docker`) or set DOCKER_HOST"
-FIX_IMAGES = "run `codomyrmex-sandbox runtimes build`"
-
-
-def console_script() -> str:
-    """The venv's ``codomyrmex-sandbox`` script, next to the interpreter running the tests."""
-    script = Path(sys.executable).parent / "codomyrmex-sandbox"
-    if script.exists():
-        return str(script)
-    found = shutil.which("codomyrmex-sandbox")
-    if found is None:
-        pytest.fail("the codomyrmex-sandbox console script is not installed; run `pip install -e .`", pytrace=False)
-    return found
 
 
 def server_environment(**extra: str) -> dict[str, str]:
-    """What a server started by a test needs: PATH, the engine's address, the operator's settings.
-
-    PYTHONPATH too, so that a server started by a test runs the same code as the test process.
-    """
-    wanted = ("CODOMYRMEX_SANDBOX_", "DOCKER_", "PYTHONPATH")
-    passed = {name: value for name, value in os.environ.items() if name.startswith(wanted)}
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), **passed, **extra}
+    """What a server started by a test needs (see `inherited_environment`), then ``extra``."""
+    return {**inherited_environment(), **extra}
 
 
 @dataclass
-class Engine:
+class Engine(OwnedSandboxes):
     """The Docker engine as the tests see it: which sandbox containers exist, and waiting on them.
 
     Only containers owned by this test process or by a server it started count, so that another
     test run on the same machine cannot make these tests fail.
     """
 
-    api: docker.APIClient
     owners: set[int] = field(default_factory=lambda: {os.getpid()})
-    host: str = field(default_factory=socket.gethostname)
-
-    def containers(self, *, owners: set[int] | None = None, running: bool = False) -> list[dict[str, Any]]:
-        filters: dict[str, Any] = {"label": f"{MANAGED}=true"}
-        if running:
-            filters["status"] = "running"
-        pids = {str(pid) for pid in (self.owners if owners is None else owners)}
-        found = self.api.containers(all=True, filters=filters)
-        return [
-            c
-            for c in found
-            if (c.get("Labels") or {}).get(OWNER_HOST) == self.host and (c.get("Labels") or {}).get(OWNER_PID) in pids
-        ]
 
     def for_execution(self, execution_id: str) -> list[dict[str, Any]]:
         return self.api.containers(all=True, filters={"label": [f"{MANAGED}=true", f"{EXECUTION_ID}={execution_id}"]})
@@ -176,17 +143,6 @@ class Engine:
                 pytest.fail(f"no sandbox container of pid {owner} was running within {within} s")
             await anyio.sleep(0.02)
 
-    async def wait_until_gone(self, owner: int, *, within: float = LEFTOVER_DEADLINE) -> float:
-        """Seconds until ``owner`` has no sandbox container left; fails after ``within`` seconds."""
-        start = time.monotonic()
-        while True:
-            found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}))
-            if not found:
-                return time.monotonic() - start
-            if time.monotonic() - start > within:
-                pytest.fail(f"sandbox containers still exist {within} s later: {describe(found)}")
-            await anyio.sleep(0.02)
-
     async def wait_for_processes(self, container_id: str, at_least: int, *, within: float = 20.0) -> int:
         deadline = time.monotonic() + within
         while True:
@@ -198,12 +154,6 @@ class Engine:
             await anyio.sleep(0.02)
 
 
-def describe(containers: list[dict[str, Any]]) -> str:
-    return ", ".join(
-        f"{c['Id'][:12]} ({c.get('State')}, {(c.get('Labels') or {}).get(EXECUTION_ID)})" for c in containers
-    )
-
-
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings.load()
@@ -212,24 +162,7 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     """The engine, checked once per session: reachable, and every runtime image built."""
-    try:
-        client = docker.DockerClient(base_url=settings.docker_host) if settings.docker_host else docker.from_env()
-        client.ping()
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        pytest.fail(
-            f"the integration tests need a running Docker engine, and it is not reachable ({exc}); {FIX_ENGINE}.",
-            pytrace=False,
-        )
-    missing = []
-    for spec in load_runtimes(settings.runtimes_dir, settings.languages).values():
-        image = spec.image(settings.image_prefix)
-        try:
-            client.api.inspect_image(image)
-        except docker.errors.ImageNotFound:
-            missing.append(image)
-    if missing:
-        client.close()
-        pytest.fail(f"runtime images are missing or stale: {', '.join(missing)}; {FIX_IMAGES}.", pytrace=False)
+    client = checked_engine(settings, "integration")
     yield Engine(client.api)
     client.close()
 
@@ -386,18 +319,4 @@ def run_cli(engine: Engine) -> Callable[..., subprocess.CompletedProcess[str]]:
 
 def _server_pid(canary: str) -> int:
     """The pid of the stdio server this process just started: the child whose environment has ``canary``."""
-    marker = f"{CANARY_VARIABLE}={canary}".encode()
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            if parent == me and marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    if len(found) != 1:
-        pytest.fail(f"expected one stdio server child with the canary, found pids {found}")
-    return found[0]
+    return child_with_variable(CANARY_VARIABLE, canary)

@@ -27,10 +27,8 @@ import os
 import re
 import secrets
 import selectors
-import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -47,27 +45,25 @@ import docker
 import docker.errors
 import pytest
 import pytest_asyncio
-import requests.exceptions
 from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_types import CallToolResult
 
 from codomyrmex_sandbox import Settings
-from codomyrmex_sandbox.runtimes import load_runtimes
+from tests.support import (
+    TOOL,
+    OwnedSandboxes,
+    checked_engine,
+    child_with_variable,
+    console_script,
+    inherited_environment,
+)
 
-MANAGED = "io.codomyrmex.sandbox.managed"
-OWNER_PID = "io.codomyrmex.sandbox.owner-pid"
-OWNER_HOST = "io.codomyrmex.sandbox.owner-host"
-EXECUTION_ID = "io.codomyrmex.sandbox.execution-id"
-
-TOOL = "execute_code"
 CANARY_VARIABLE = "CANARY_SECRET"
 CANARY_PREFIX = "canary-"
 CALL_DEADLINE = 60.0  # no call may take longer: a hang fails the test, it does not stall the suite
 SETTLE_DEADLINE = 15.0  # for the host to be back to idle after a test
 DOCKER_GATEWAY = "172.17.0.1"
-FIX_ENGINE = "start the Docker engine (e.g. `sudo systemctl start docker`) or set DOCKER_HOST"
-FIX_IMAGES = "run `codomyrmex-sandbox runtimes build`"
 
 # Every canary handed to a server in this session: no output of any server may contain one.
 CANARIES: list[str] = []
@@ -160,28 +156,12 @@ def rss_kib(pid: int) -> int:
 
 
 @dataclass
-class Engine:
+class Engine(OwnedSandboxes):
     """The Docker engine and the host as the tests see them.
 
     Only containers owned by a server that this process started count: other test runs on the
     same machine (and their servers) cannot make these tests fail.
     """
-
-    api: docker.APIClient
-    owners: set[int] = field(default_factory=set)
-    host: str = field(default_factory=socket.gethostname)
-
-    def containers(self, *, owners: set[int] | None = None, running: bool = False) -> list[dict[str, Any]]:
-        filters: dict[str, Any] = {"label": f"{MANAGED}=true"}
-        if running:
-            filters["status"] = "running"
-        pids = {str(pid) for pid in (self.owners if owners is None else owners)}
-        found = self.api.containers(all=True, filters=filters)
-        return [
-            c
-            for c in found
-            if (c.get("Labels") or {}).get(OWNER_HOST) == self.host and (c.get("Labels") or {}).get(OWNER_PID) in pids
-        ]
 
     def all_container_ids(self) -> set[str]:
         return {c["Id"] for c in self.api.containers(all=True)}
@@ -239,17 +219,6 @@ class Engine:
                 pytest.fail(f"sandbox {container_id[:12]} or its processes remain {within} s later: {processes}")
             await anyio.sleep(0.02)
 
-    async def wait_until_gone(self, owner: int, *, within: float = 10.0) -> float:
-        """Seconds until ``owner`` has no container left; fails after ``within`` seconds."""
-        start = time.monotonic()
-        while True:
-            found = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}))
-            if not found:
-                return time.monotonic() - start
-            if time.monotonic() - start > within:
-                pytest.fail(f"server {owner} left containers behind: {describe(found)}")
-            await anyio.sleep(0.05)
-
     def orphan_processes(self) -> list[HostProcess]:
         """Sandbox processes that outlived their container, and processes of uid 65534 outside any container."""
         processes = host_processes()
@@ -279,12 +248,6 @@ class Engine:
         return problems
 
 
-def describe(containers: list[dict[str, Any]]) -> str:
-    return ", ".join(
-        f"{c['Id'][:12]} ({c.get('State')}, {(c.get('Labels') or {}).get(EXECUTION_ID)})" for c in containers
-    )
-
-
 @pytest.fixture(scope="session")
 def settings() -> Settings:
     return Settings.load()
@@ -293,21 +256,7 @@ def settings() -> Settings:
 @pytest.fixture(scope="session")
 def engine(settings: Settings) -> Iterator[Engine]:
     """The engine, checked once per session: reachable, and every runtime image built."""
-    try:
-        client = docker.DockerClient(base_url=settings.docker_host) if settings.docker_host else docker.from_env()
-        client.ping()
-    except (docker.errors.DockerException, requests.exceptions.RequestException, OSError) as exc:
-        pytest.fail(f"the security tests need a running Docker engine ({exc}); {FIX_ENGINE}.", pytrace=False)
-    missing = []
-    for spec in load_runtimes(settings.runtimes_dir, settings.languages).values():
-        image = spec.image(settings.image_prefix)
-        try:
-            client.api.inspect_image(image)
-        except docker.errors.ImageNotFound:
-            missing.append(image)
-    if missing:
-        client.close()
-        pytest.fail(f"runtime images are missing: {', '.join(missing)}; {FIX_IMAGES}.", pytrace=False)
+    client = checked_engine(settings, "security")
     yield Engine(client.api)
     client.close()
 
@@ -417,26 +366,9 @@ def listeners() -> Iterator[Listeners]:
 # -- servers over stdio ---------------------------------------------------------------------------
 
 
-def console_script() -> str:
-    script = Path(sys.executable).parent / "codomyrmex-sandbox"
-    if script.exists():
-        return str(script)
-    found = shutil.which("codomyrmex-sandbox")
-    if found is None:
-        pytest.fail("the codomyrmex-sandbox console script is not installed; run `pip install -e .`", pytrace=False)
-    return found
-
-
 def server_environment(**extra: str) -> dict[str, str]:
-    """PATH, the engine's address, the operator's settings, PYTHONPATH; then ``extra``."""
-    wanted = ("CODOMYRMEX_SANDBOX_", "DOCKER_", "PYTHONPATH")
-    passed = {name: value for name, value in os.environ.items() if name.startswith(wanted)}
-    return {
-        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
-        **passed,
-        "CODOMYRMEX_SANDBOX_MAX_CONCURRENT_EXECUTIONS": "8",
-        **extra,
-    }
+    """What a server started by a test needs (see `inherited_environment`), 8 slots, then ``extra``."""
+    return {**inherited_environment(), "CODOMYRMEX_SANDBOX_MAX_CONCURRENT_EXECUTIONS": "8", **extra}
 
 
 def new_canary() -> str:
@@ -452,21 +384,7 @@ def assert_no_canary(text: str, where: str) -> None:
 
 def server_pid(canary: str) -> int:
     """The pid of the server this process just started: its child whose environment has ``canary``."""
-    marker = f"{CANARY_VARIABLE}={canary}".encode()
-    me = os.getpid()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-            if parent == me and marker in (entry / "environ").read_bytes().split(b"\0"):
-                found.append(int(entry.name))
-        except (OSError, ValueError, IndexError):
-            continue
-    if len(found) != 1:
-        pytest.fail(f"expected one server child with the canary, found pids {found}")
-    return found[0]
+    return child_with_variable(CANARY_VARIABLE, canary)
 
 
 @asynccontextmanager
