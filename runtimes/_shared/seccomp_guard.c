@@ -1,35 +1,59 @@
 /*
- * seccomp-guard: run a program under the project's own seccomp filter.
+ * seccomp-guard: the init of every sandbox, and the seccomp filter that everything in it runs under.
  *
+ *     seccomp-guard --deadline SECONDS PROGRAM [ARGUMENT...]
  *     seccomp-guard PROGRAM [ARGUMENT...]
  *
  * Every sandbox starts its command through this program. It installs a filter that allows every
- * system call except the ones listed below, which fail with EPERM, then executes PROGRAM, which
- * inherits the filter, as do all of its children; nothing can remove it. The filter stacks on the
- * engine's default profile (the kernel runs every filter and the strictest answer wins), so a
- * sandbox is always strictly stricter than the engine's default, whatever that default allows.
+ * system call except the ones listed below, which fail with EPERM (socket families: see further
+ * down), then runs PROGRAM, which inherits the filter, as do all of its children; nothing can
+ * remove it. The filter stacks on the engine's default profile (the kernel runs every filter and
+ * the strictest answer wins), so a sandbox is always strictly stricter than the engine's default,
+ * whatever that default allows.
+ *
+ * With --deadline, the guard is the container's init (PID 1; the engine's own init must be off):
+ * it forks PROGRAM, reaps every process that ends in the container, forwards the usual
+ * termination signals to PROGRAM, exits with PROGRAM's status when it ends (its exit code, or
+ * 128 + the signal that killed it, as tini does), and when SECONDS have passed kills every
+ * process in the container and exits 137, even if the server that started it is gone. Nothing
+ * inside the container can stop that deadline; see supervise() for why. Without --deadline it
+ * simply executes PROGRAM (no fork, no deadline).
  *
  * The denied calls are the kernel interfaces that untrusted code has no use for and that keep
  * turning up in container escapes: mounting and namespaces, other processes' memory, eBPF,
  * perf, userfaultfd and io_uring (large attack surfaces), keyrings (not namespaced), kernel
- * replacement and modules, the host's clocks, file handles, and host administration.
+ * replacement and modules, the host's clocks, file handles, and host administration; and socket
+ * families other than local, IPv4, IPv6 and routing netlink (AF_VSOCK above all: it reaches the
+ * hypervisor of a VM host, and the engine's network_mode=none does not cover it).
  *
- * It fails closed: if any step fails it says so on stderr and exits 126 without running PROGRAM.
- * Only the native ABI is allowed (see ACT_BADARCH below), so one list of names covers everything.
+ * It fails closed: if any step before PROGRAM starts fails it says so on stderr and exits 126
+ * without running PROGRAM. Only the native ABI is allowed (see ACT_BADARCH below), so one list of
+ * names covers everything.
  */
 #define _GNU_SOURCE
 #include <errno.h>
+#include <fcntl.h>
+#include <math.h>
 #include <sched.h>
 #include <seccomp.h>
+#include <signal.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
 #define GUARD_FAILED 126 /* the shell's "found but could not run" */
 #define NOT_FOUND 127
+#define DEADLINE_PASSED (128 + SIGKILL) /* what the engine reports for a container killed outright */
+#define MAX_DEADLINE_SECONDS 31536000.0 /* a year: anything longer is a mistake, not a deadline */
+#define NS_PER_SECOND 1000000000LL
 
 /* Denied outright. Names, not numbers, so that the same list serves any architecture. */
 static const char *const denied[] = {
@@ -40,7 +64,8 @@ static const char *const denied[] = {
     "unshare", "setns",
     /* Reading or steering another process. */
     "ptrace", "process_vm_readv", "process_vm_writev", "kcmp",
-    /* Large, bug-prone kernel surfaces that ordinary programs never need. */
+    /* Large, bug-prone kernel surfaces that ordinary programs never need. io_uring would also
+     * create sockets (IORING_OP_SOCKET) without the socket() rules below ever seeing them. */
     "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
     /* Kernel keyrings are not namespaced: keys would be shared with the host. */
     "keyctl", "add_key", "request_key",
@@ -70,6 +95,31 @@ static const unsigned long namespace_flags[] = {
  * off address-space randomisation or change how the kernel treats the process. */
 #define PERSONALITY_QUERY 0xffffffffUL
 
+/* socket() and socketpair(): the address families a sandbox may use. Everything else fails with
+ * EAFNOSUPPORT, as if this kernel had no such family: AF_VSOCK (a channel to the hypervisor of a
+ * VM host, which network_mode=none does not close), AF_PACKET, AF_ALG, AF_KEY, AF_BLUETOOTH, AF_CAN,
+ * AF_TIPC, AF_RDS, AF_XDP... and every number that a future kernel may assign. AF_NETLINK is
+ * allowed with NETLINK_ROUTE only: glibc asks it for the interface addresses (getifaddrs, and
+ * getaddrinfo to sort its answers), and so do Node's os.networkInterfaces() and Python's
+ * socket.if_nameindex(); without CAP_NET_ADMIN, in the container's own network namespace, it can
+ * only read that namespace's links and addresses. Any other netlink protocol (uevents, audit,
+ * sock_diag, xfrm, generic netlink...) fails with EPROTONOSUPPORT. */
+static const unsigned allowed_families[] = {AF_UNIX, AF_INET, AF_INET6, AF_NETLINK};
+#define FAMILY_VALUE_RULES_BELOW 64 /* rules by value below this, by bit above (see below) */
+#define LOW_32_BITS 0xffffffffULL
+
+/* The init (PID 1) runs as the same user as the program, and the kernel lets a process change
+ * the scheduling, priority, CPU set and resource limits of any process of its own user. Starved
+ * of CPU time (SCHED_IDLE, nice 19, pinned to a busy CPU) the init would still kill at its
+ * deadline, but late; with its limits changed it could fail. So these calls may not name PID 1
+ * (0, "the caller", and every other pid stay allowed). */
+static const char *const not_on_init[] = {
+    "sched_setscheduler", "sched_setparam", "sched_setattr", "sched_setaffinity", "prlimit64",
+};
+
+/* Signals the init passes on to PROGRAM (the ones an engine or a terminal sends to stop it). */
+static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
+
 static void fail(const char *format, ...) {
     va_list args;
     va_start(args, format);
@@ -98,9 +148,68 @@ static int must_resolve(const char *name) {
     return nr;
 }
 
-int main(int argc, char *argv[]) {
-    if (argc < 2) fail("usage: seccomp-guard PROGRAM [ARGUMENT...]");
+static int family_allowed(unsigned family) {
+    for (size_t i = 0; i < sizeof allowed_families / sizeof *allowed_families; i++) {
+        if (allowed_families[i] == family) return 1;
+    }
+    return 0;
+}
 
+/* An int argument equal to value. The kernel reads an int argument from the low 32 bits of its
+ * register and ignores the rest, but a filter sees all 64 bits: an equality rule on the whole
+ * register (SCMP_CMP_EQ, and also libseccomp's SCMP_A0_32, which only narrows the datum) misses a
+ * caller that sets the upper half, so every int comparison here masks it off. */
+static struct scmp_arg_cmp int_is(unsigned arg, uint32_t value) {
+    return SCMP_CMP(arg, SCMP_CMP_MASKED_EQ, LOW_32_BITS, value);
+}
+
+/* An int argument with the given bit (0..31) set. */
+static struct scmp_arg_cmp int_has_bit(unsigned arg, unsigned bit) {
+    return SCMP_CMP(arg, SCMP_CMP_MASKED_EQ, 1ULL << bit, 1ULL << bit);
+}
+
+static int block_denied(unsigned first, unsigned size) {
+    for (unsigned family = first; family < first + size; family++) {
+        if (family_allowed(family)) return 0;
+    }
+    return 1;
+}
+
+/* socket(domain, type, protocol) and socketpair(domain, type, protocol, sv): rules are
+ * alternatives and a rule compares an argument once, so "any family but the allowed ones" is
+ * spelled as rules for the values below 64 that are not allowed, each rule an aligned block of
+ * them (the low bits masked off: 4-7, 32-63...), and one rule per bit from 6 to 31, which covers
+ * every value of 64 and above (negative ones included). Blocks rather than one rule per value
+ * keep the path short for the allowed families, which pass every rule. */
+static void restrict_socket_families(scmp_filter_ctx ctx, const char *name) {
+    int nr = must_resolve(name);
+    const uint32_t no_family = SCMP_ACT_ERRNO(EAFNOSUPPORT);
+    for (unsigned family = 0; family < FAMILY_VALUE_RULES_BELOW;) {
+        if (family_allowed(family)) {
+            family++;
+            continue;
+        }
+        unsigned size = 1;
+        while (family % (2 * size) == 0 && family + 2 * size <= FAMILY_VALUE_RULES_BELOW &&
+               block_denied(family, 2 * size)) {
+            size *= 2;
+        }
+        const scmp_datum_t mask = LOW_32_BITS & ~(scmp_datum_t)(size - 1);
+        check(seccomp_rule_add(ctx, no_family, nr, 1, SCMP_CMP(0, SCMP_CMP_MASKED_EQ, mask, family)), name);
+        family += size;
+    }
+    for (unsigned bit = 6; bit < 32; bit++) {
+        check(seccomp_rule_add(ctx, no_family, nr, 1, int_has_bit(0, bit)), name);
+    }
+    /* AF_NETLINK with any protocol but NETLINK_ROUTE (0): any set bit in the protocol's int. */
+    for (unsigned bit = 0; bit < 32; bit++) {
+        check(seccomp_rule_add(ctx, SCMP_ACT_ERRNO(EPROTONOSUPPORT), nr, 2, int_is(0, AF_NETLINK),
+                               int_has_bit(2, bit)),
+              name);
+    }
+}
+
+static void install_filter(void) {
     /* Required to load a filter without CAP_SYS_ADMIN, and it also keeps set-uid binaries
      * from regaining privileges under the filter. */
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0) fail("PR_SET_NO_NEW_PRIVS failed: %s", strerror(errno));
@@ -109,7 +218,8 @@ int main(int argc, char *argv[]) {
     if (ctx == NULL) fail("seccomp_init failed");
 
     /* 32-bit calls (int 0x80, x32) would reach the same kernel code under other numbers; rather
-     * than list every call again per ABI, the other ABIs are closed. No runtime here uses them. */
+     * than list every call again per ABI, the other ABIs are closed. No runtime here uses them.
+     * That also closes socketcall(), the i386 way to make sockets past the rules below. */
     check(seccomp_attr_set(ctx, SCMP_FLTATR_ACT_BADARCH, SCMP_ACT_ERRNO(ENOSYS)), "closing the other ABIs");
     /* Every system call runs through the filter: a binary tree keeps that cost logarithmic. */
     check(seccomp_attr_set(ctx, SCMP_FLTATR_CTL_OPTIMIZE, 2), "optimizing the filter");
@@ -145,11 +255,196 @@ int main(int argc, char *argv[]) {
               "personality");
     }
 
+    restrict_socket_families(ctx, "socket");
+    restrict_socket_families(ctx, "socketpair");
+
+    /* Hands off the init (see not_on_init). The pid is the first argument of each of these. */
+    for (size_t i = 0; i < sizeof not_on_init / sizeof *not_on_init; i++) {
+        check(seccomp_rule_add(ctx, deny, must_resolve(not_on_init[i]), 1, int_is(0, 1)), not_on_init[i]);
+    }
+    /* setpriority(which, who, nice): not PID 1, and not by process group or user, which would
+     * take in the init (it shares the program's user, and a process may join its group). */
+    int setpriority_nr = must_resolve("setpriority");
+    check(seccomp_rule_add(ctx, deny, setpriority_nr, 2, int_is(0, PRIO_PROCESS), int_is(1, 1)), "setpriority");
+    check(seccomp_rule_add(ctx, deny, setpriority_nr, 1, int_is(0, PRIO_PGRP)), "setpriority");
+    check(seccomp_rule_add(ctx, deny, setpriority_nr, 1, int_is(0, PRIO_USER)), "setpriority");
+
     check(seccomp_load(ctx), "loading the filter");
     seccomp_release(ctx);
+}
 
-    execvp(argv[1], &argv[1]);
+/* CLOCK_MONOTONIC in nanoseconds. It cannot fail with a valid clock and address; were it to,
+ * INT64_MAX reads as "the deadline has passed": the init fails closed. */
+static int64_t monotonic_ns(void) {
+    struct timespec now;
+    if (clock_gettime(CLOCK_MONOTONIC, &now) != 0) return INT64_MAX;
+    return (int64_t)now.tv_sec * NS_PER_SECOND + now.tv_nsec;
+}
+
+static double parse_deadline(const char *text) {
+    char *end = NULL;
+    errno = 0;
+    double seconds = strtod(text, &end);
+    if (errno != 0 || end == text || *end != '\0' || !isfinite(seconds) || seconds <= 0 ||
+        seconds > MAX_DEADLINE_SECONDS) {
+        fail("--deadline takes a number of seconds above 0 and at most %.0f, not \"%s\"", MAX_DEADLINE_SECONDS, text);
+    }
+    return seconds;
+}
+
+/* Runs in the forked child: PROGRAM, with the signal mask the guard started with. */
+static void run_program(char *const program[], const sigset_t *mask) {
+    if (sigprocmask(SIG_SETMASK, mask, NULL) != 0) {
+        fprintf(stderr, "seccomp-guard: cannot restore the signal mask: %s\n", strerror(errno));
+        _exit(GUARD_FAILED);
+    }
+    execvp(program[0], program);
     int error = errno;
-    fprintf(stderr, "seccomp-guard: cannot run %s: %s\n", argv[1], strerror(error));
+    fprintf(stderr, "seccomp-guard: cannot run %s: %s\n", program[0], strerror(error));
+    _exit(error == ENOENT ? NOT_FOUND : GUARD_FAILED);
+}
+
+/* The init's own descriptors: it reads nothing and writes nothing but its own fatal errors, and
+ * must never hold the program's pipes open or block on them. stdin and stdout become /dev/null;
+ * stderr is opened again, through /proc, as a description of its own that does not block, so a
+ * full pipe that nobody reads cannot stall the init (the program's descriptor stays as it was). */
+static void detach_stdio(void) {
+    int null = open("/dev/null", O_RDWR | O_CLOEXEC);
+    int err = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    if (err < 0) err = null;
+    if (null >= 0) {
+        dup2(null, STDIN_FILENO);
+        dup2(null, STDOUT_FILENO);
+    } else {
+        close(STDIN_FILENO);
+        close(STDOUT_FILENO);
+    }
+    if (err >= 0) {
+        dup2(err, STDERR_FILENO);
+    } else {
+        close(STDERR_FILENO);
+    }
+    if (null > STDERR_FILENO) close(null);
+    if (err > STDERR_FILENO && err != null) close(err);
+}
+
+/* Something that cannot happen happened to the init: end the container rather than leave it
+ * without its deadline. */
+static void init_failed(const char *what) {
+    char message[160];
+    int length = snprintf(message, sizeof message, "seccomp-guard: %s failed: %s; the sandbox is ended\n", what,
+                          strerror(errno));
+    if (length > 0 && write(STDERR_FILENO, message, (size_t)length) < 0) { /* nowhere left to report it */
+    }
+    kill(-1, SIGKILL);
+    _exit(GUARD_FAILED);
+}
+
+static int exit_status(int status) {
+    if (WIFEXITED(status)) return WEXITSTATUS(status);
+    if (WIFSIGNALED(status)) return 128 + WTERMSIG(status);
+    return GUARD_FAILED;
+}
+
+/*
+ * The init: PROGRAM runs in a child; this process waits for signals and children until PROGRAM
+ * ends or the deadline passes. Why nothing in the container can stop it (kernel/signal.c):
+ *
+ * - It is the child reaper of the container's PID namespace, so the kernel marks it
+ *   SIGNAL_UNKILLABLE (copy_process). sig_task_ignored() then drops any signal whose handler is
+ *   SIG_DFL unless it is "forced" and SIGKILL or SIGSTOP, and forced means sent by the kernel or
+ *   from an ancestor PID namespace (the host: `docker kill` still works). SIGKILL and SIGSTOP can
+ *   be neither blocked nor handled, so their handler is always SIG_DFL: sent from inside the
+ *   container (kill, tgkill, pidfd_send_signal, to a process group or to -1) they are discarded
+ *   before they are queued. The init can be neither killed nor stopped from inside.
+ * - Every other signal is blocked here, and sig_ignored() never ignores a blocked signal: it is
+ *   queued, and only ever taken off the queue by sigtimedwait() below, which forwards the
+ *   termination signals to PROGRAM and drops the rest. No signal runs a handler or a default
+ *   action in the init (the init installs no handler, and the default actions never apply to a
+ *   blocked signal). A flood of signals only wakes the loop, which checks the deadline each time.
+ * - kill(-1, ...) skips PID 1 altogether (kill_something_info: only task_pid_vnr(p) > 1).
+ * - The deadline is a timeout of sigtimedwait() measured on CLOCK_MONOTONIC, a kernel timer that
+ *   the program cannot reach; the remaining time is computed again on every wake-up.
+ * - The init shares the program's user id, which would let the program ptrace it or open
+ *   /proc/1/mem and rewrite it: ptrace, process_vm_writev and kcmp are denied by the filter, and
+ *   the init makes itself non-dumpable (PR_SET_DUMPABLE 0), which makes the kernel refuse every
+ *   ptrace-mode access to it (/proc/1/mem, /proc/1/environ, /proc/1/fd, pidfd_getfd...) to anyone
+ *   without CAP_SYS_PTRACE, and gives its /proc files to root. Calls that change another process
+ *   of the same user by pid (scheduling, priority, CPU set, limits) may not name PID 1 (see
+ *   not_on_init). A fault in the init itself (a bug) clears SIGNAL_UNKILLABLE and kills it, and
+ *   when PID 1 exits, the kernel kills every other process of the namespace.
+ *
+ * At the deadline it sends SIGKILL to every process of the namespace (stopped ones included) and
+ * exits 137; its exit makes the kernel kill anything forked in between, and the container ends.
+ * Two processes in all: this one and PROGRAM.
+ */
+static int supervise(double seconds, char *const program[]) {
+    const int64_t start = monotonic_ns();
+    if (start == INT64_MAX) fail("reading CLOCK_MONOTONIC failed: %s", strerror(errno));
+    const int64_t deadline = start + (int64_t)(seconds * (double)NS_PER_SECOND);
+
+    /* Block everything before the fork: no signal meant for the init is lost in between. */
+    sigset_t all, original;
+    sigfillset(&all);
+    if (sigprocmask(SIG_SETMASK, &all, &original) != 0) fail("blocking the signals failed: %s", strerror(errno));
+    /* Before the fork too, so that PROGRAM never sees a dumpable init; its own execve() makes it
+     * dumpable again as usual. */
+    if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) fail("PR_SET_DUMPABLE failed: %s", strerror(errno));
+
+    const pid_t child = fork();
+    if (child < 0) fail("fork failed: %s", strerror(errno));
+    if (child == 0) run_program(program, &original);
+
+    detach_stdio();
+    for (;;) {
+        /* Orphans are re-parented to PID 1: reap them all, and stop when PROGRAM has ended. */
+        int status;
+        pid_t ended;
+        while ((ended = waitpid(-1, &status, WNOHANG)) > 0) {
+            if (ended == child) _exit(exit_status(status));
+        }
+        if (ended < 0) init_failed("waitpid"); /* ECHILD: PROGRAM cannot be gone unreaped */
+
+        const int64_t remaining = deadline - monotonic_ns();
+        if (remaining <= 0) {
+            kill(-1, SIGKILL);
+            _exit(DEADLINE_PASSED);
+        }
+        const struct timespec timeout = {.tv_sec = remaining / NS_PER_SECOND, .tv_nsec = remaining % NS_PER_SECOND};
+        siginfo_t info;
+        const int sig = sigtimedwait(&all, &info, &timeout);
+        if (sig < 0) {
+            if (errno == EAGAIN || errno == EINTR) continue; /* the time is up, or woken: look again */
+            init_failed("sigtimedwait");
+        }
+        for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) {
+            if (sig == forwarded[i]) kill(child, sig);
+        }
+    }
+}
+
+int main(int argc, char *argv[]) {
+    const char *usage = "usage: seccomp-guard [--deadline SECONDS] PROGRAM [ARGUMENT...]";
+    double deadline = 0;
+    int first = 1;
+    if (argc >= 2 && strcmp(argv[1], "--deadline") == 0) {
+        if (argc < 4) fail("%s", usage);
+        deadline = parse_deadline(argv[2]);
+        first = 3;
+        /* The deadline holds only for the namespace's init (see supervise): under another init it
+         * could be stopped, so refuse rather than pretend. */
+        if (getpid() != 1) fail("--deadline makes the guard the container's init: it must run as PID 1 (no --init)");
+    } else if (argc < 2) {
+        fail("%s", usage);
+    }
+
+    /* Before the fork: the init and PROGRAM both run under the filter. */
+    install_filter();
+
+    if (deadline > 0) return supervise(deadline, &argv[first]);
+
+    execvp(argv[first], &argv[first]);
+    int error = errno;
+    fprintf(stderr, "seccomp-guard: cannot run %s: %s\n", argv[first], strerror(error));
     return error == ENOENT ? NOT_FOUND : GUARD_FAILED;
 }

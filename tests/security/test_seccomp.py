@@ -6,8 +6,15 @@ fail with EPERM (clone3 with ENOSYS). The payloads are harmless even if a defenc
 descriptors, invalid time values, a scratch directory, a child that is killed at once.
 
 Most of these calls are refused by the engine's default profile or by the missing capabilities
-as well; the last test runs the same calls under the guard alone, without the engine's profile,
-to show that the project's filter refuses every one of them by itself.
+as well; the tests at the end run the same calls under the guard alone, without the engine's
+profile, to show that the project's filter refuses every one of them by itself.
+
+Sockets: only AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK with NETLINK_ROUTE may be made, by
+socket() or socketpair(); every other family fails with EAFNOSUPPORT (one test per family, and
+one sweep over every number), other netlink protocols with EPROTONOSUPPORT. The family and the
+protocol are C ints: the filter compares their low 32 bits only, as the kernel reads them, so a
+caller that sets the upper half of the register neither slips past a rule nor is refused a family
+that is allowed.
 """
 
 from __future__ import annotations
@@ -204,6 +211,133 @@ call("x32 getpid", 0x40000000 | 39)
 """
 
 
+# socket() and socketpair() of one family, with every common type: "socket(STREAM)=EAFNOSUPPORT"...
+SOCKETS = """
+pair = (ctypes.c_int * 2)()
+def sockets(family, protocol=0):
+    for kind, number in {"STREAM": 1, "DGRAM": 2, "RAW": 3, "SEQPACKET": 5}.items():
+        call(f"socket({kind})", 41, family, number, protocol)
+        call(f"socketpair({kind})", 53, family, number, protocol, pair)
+"""
+SOCKET_CALLS = [
+    f"{call}({kind})" for kind in ("STREAM", "DGRAM", "RAW", "SEQPACKET") for call in ("socket", "socketpair")
+]
+
+# Family numbers (the kernel's include/linux/socket.h): the ones the finding named, the others that
+# a kernel may build in, numbers no kernel assigns yet, and register values whose low 32 bits,
+# the int the kernel reads, are a denied family.
+DENIED_FAMILIES = {
+    "AF_VSOCK": 40,
+    "AF_PACKET": 17,
+    "AF_KEY": 15,
+    "AF_ALG": 38,
+    "AF_BLUETOOTH": 31,
+    "AF_APPLETALK": 5,
+    "AF_X25": 9,
+    "AF_CAN": 29,
+    "AF_TIPC": 30,
+    "AF_RDS": 21,
+    "AF_XDP": 44,
+    "AF_MCTP": 45,
+    "AF_UNSPEC": 0,
+    "unassigned 46": 46,
+    "unassigned 63": 63,
+    "unassigned 64": 64,
+    "INT_MAX": 0x7FFF_FFFF,
+    "-1": -1,
+    "AF_VSOCK with the upper 32 bits set": (1 << 32) | 40,
+    "AF_PACKET with all upper 32 bits set": (0xFFFF_FFFF << 32) | 17,
+}
+
+# AF_NETLINK protocols other than NETLINK_ROUTE (include/uapi/linux/netlink.h).
+DENIED_NETLINK = {
+    "NETLINK_KOBJECT_UEVENT": 15,
+    "NETLINK_AUDIT": 9,
+    "NETLINK_SOCK_DIAG": 4,
+    "NETLINK_GENERIC": 16,
+    "NETLINK_NETFILTER": 12,
+    "NETLINK_XFRM": 6,
+    "NETLINK_SELINUX": 7,
+    "unassigned 31": 31,
+    "-1": -1,
+    "NETLINK_AUDIT with the upper 32 bits set": (1 << 32) | 9,
+}
+
+# Every family number up to 1023, every single bit above that, and AF_VSOCK under every upper bit:
+# nothing but the four allowed families gets through, whatever a future kernel assigns.
+FAMILY_SWEEP = """
+allowed = {1, 2, 10, 16}
+values = [v for v in range(1024) if v not in allowed] + [1 << bit for bit in range(10, 32)]
+values += [(1 << bit) | 40 for bit in range(32, 64)]
+unexpected = {}
+for value in values:
+    ctypes.set_errno(0)
+    fd = libc.syscall(ctypes.c_long(41), ctypes.c_long(value), ctypes.c_long(2), ctypes.c_long(0))
+    outcome = errno.errorcode.get(ctypes.get_errno()) if fd == -1 else "returned"
+    if outcome != "EAFNOSUPPORT":
+        unexpected[hex(value)] = outcome
+print("checked=%d" % len(values))
+print("unexpected=%r" % unexpected)
+"""
+
+# What a sandbox may still do: local sockets, IPv4 and IPv6 on loopback, and the routing netlink
+# that glibc's getifaddrs() and if_nameindex() use. Upper register bits do not hide an allowed family.
+ALLOWED_SOCKETS = """
+import socket
+def attempt(name, make):
+    try:
+        print(f"{name}=" + str(make()))
+    except OSError as exc:
+        print(f"{name}=" + errno.errorcode[exc.errno])
+def unix_pair():
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(b"x")
+        return "ok" if b.recv(1) == b"x" else "garbled"
+def loopback(family, host):
+    with socket.socket(family, socket.SOCK_STREAM) as server, socket.socket(family, socket.SOCK_STREAM) as client:
+        server.bind((host, 0))
+        server.listen()
+        client.connect(server.getsockname()[:2])
+        server.accept()[0].close()
+        return "ok"
+def opened(*args):
+    socket.socket(*args).close()
+    return "ok"
+attempt("AF_UNIX stream", lambda: opened(socket.AF_UNIX, socket.SOCK_STREAM))
+attempt("AF_UNIX dgram", lambda: opened(socket.AF_UNIX, socket.SOCK_DGRAM))
+attempt("socketpair(AF_UNIX)", unix_pair)
+attempt("AF_INET loopback", lambda: loopback(socket.AF_INET, "127.0.0.1"))
+attempt("AF_INET udp", lambda: opened(socket.AF_INET, socket.SOCK_DGRAM))
+attempt("AF_INET6 stream", lambda: opened(socket.AF_INET6, socket.SOCK_STREAM))
+attempt("AF_INET6 udp", lambda: opened(socket.AF_INET6, socket.SOCK_DGRAM))
+attempt("NETLINK_ROUTE", lambda: opened(socket.AF_NETLINK, socket.SOCK_RAW, 0))
+attempt("if_nameindex", lambda: ",".join(name for _, name in socket.if_nameindex()))
+call("AF_INET with the upper 32 bits set", 41, (1 << 32) | 2, 1, 0)
+call("NETLINK_ROUTE with the upper 32 bits set", 41, 16, 3, 1 << 32)
+"""
+
+# The init (PID 1) runs as the program's user, which could otherwise starve it of CPU time.
+INIT_HANDS_OFF = """
+param = ctypes.c_int(0)
+attr = ctypes.create_string_buffer(56)
+ctypes.c_uint32.from_buffer(attr).value = 56
+cpus = ctypes.c_ulong(1)
+call("sched_setscheduler(1, SCHED_IDLE)", 144, 1, 5, ctypes.byref(param))
+call("sched_setparam(1)", 142, 1, ctypes.byref(param))
+call("sched_setattr(1)", 314, 1, attr, 0)
+call("sched_setaffinity(1)", 203, 1, ctypes.sizeof(cpus), ctypes.byref(cpus))
+call("prlimit64(1)", 302, 1, 0, None, None)
+call("setpriority(PRIO_PROCESS, 1)", 141, 0, 1, 19)
+call("setpriority(PRIO_PROCESS, 1 with the upper 32 bits set)", 141, 0, (1 << 32) | 1, 19)
+call("setpriority(PRIO_PGRP, 0)", 141, 1, 0, 19)
+call("setpriority(PRIO_USER, 0)", 141, 2, 0, 19)
+call("setpriority(PRIO_PROCESS, self)", 141, 0, 0, 1)
+call("sched_setaffinity(self)", 203, 0, ctypes.sizeof(cpus), ctypes.byref(cpus))
+call("prlimit64(self)", 302, 0, 0, None, None)
+"""
+
+
 async def outcomes(code: str) -> dict[str, str]:
     """Run ``code`` after the prelude in a sandbox; what each call it made returned, by name."""
     async with Sandbox(Settings.load()) as sandbox:
@@ -347,14 +481,10 @@ async def test_every_sandbox_runs_under_the_engines_filter_and_the_projects():
     assert status["NoNewPrivs"].strip() == "1"
 
 
-def test_the_projects_filter_denies_every_family_without_the_engines_profile():
-    """The guard alone, in the python image with the engine's profile off: only its filter is left."""
+def _guard_alone(code: str) -> str:
+    """Run Python ``code`` under the guard alone, in the python image with the engine's profile off."""
     settings = Settings.load()
     image = load_runtimes(settings.runtimes_dir, ["python"])["python"].image(settings.image_prefix)
-    families = [MOUNT, UNSHARE, SETNS, PTRACE, BPF, PERF_EVENT_OPEN, USERFAULTFD, KEYRINGS, IO_URING]
-    families += [KEXEC, MODULES, CLOCKS, PERSONALITY, CLONE, HANDLES, HOST_ADMINISTRATION, OTHER_ABIS]
-    code = PRELUDE + "".join(families) + "print('Seccomp_filters=' + open('/proc/self/status').read()"
-    code += ".split('Seccomp_filters:')[1].split()[0])\n"
     client = docker.DockerClient(base_url=settings.docker_host) if settings.docker_host else docker.from_env()
     try:
         output = client.containers.run(
@@ -370,7 +500,16 @@ def test_the_projects_filter_denies_every_family_without_the_engines_profile():
         )
     finally:
         client.close()
-    found = _parse(output.decode())
+    return output.decode() if isinstance(output, bytes) else str(output)
+
+
+def test_the_projects_filter_denies_every_family_without_the_engines_profile():
+    """The guard alone, in the python image with the engine's profile off: only its filter is left."""
+    families = [MOUNT, UNSHARE, SETNS, PTRACE, BPF, PERF_EVENT_OPEN, USERFAULTFD, KEYRINGS, IO_URING]
+    families += [KEXEC, MODULES, CLOCKS, PERSONALITY, CLONE, HANDLES, HOST_ADMINISTRATION, OTHER_ABIS]
+    code = PRELUDE + "".join(families) + "print('Seccomp_filters=' + open('/proc/self/status').read()"
+    code += ".split('Seccomp_filters:')[1].split()[0])\n"
+    found = _parse(_guard_alone(code))
 
     assert found.pop("Seccomp_filters") == "1"  # the project's filter and nothing else
     assert found.pop("clone3") == "ENOSYS"
@@ -381,3 +520,81 @@ def test_the_projects_filter_denies_every_family_without_the_engines_profile():
         assert found.pop(allowed) == "returned 0"
     assert found == dict.fromkeys(found, "EPERM")
     assert len(found) == 64  # every call above was made and reported
+
+
+@pytest.mark.parametrize(("family", "number"), DENIED_FAMILIES.items(), ids=DENIED_FAMILIES)
+async def test_a_socket_family_outside_the_allowed_ones_is_refused(family, number):
+    assert await outcomes(SOCKETS + f"sockets({number})") == dict.fromkeys(SOCKET_CALLS, "EAFNOSUPPORT")
+
+
+@pytest.mark.parametrize(("protocol", "number"), DENIED_NETLINK.items(), ids=DENIED_NETLINK)
+async def test_a_netlink_protocol_other_than_route_is_refused(protocol, number):
+    assert await outcomes(SOCKETS + f"sockets(16, {number})") == dict.fromkeys(SOCKET_CALLS, "EPROTONOSUPPORT")
+
+
+async def test_every_family_number_but_the_allowed_ones_is_refused():
+    found = await outcomes(FAMILY_SWEEP)
+
+    assert found == {"checked": str(1020 + 22 + 32), "unexpected": "{}"}
+
+
+async def test_local_ipv4_ipv6_and_routing_netlink_sockets_still_work():
+    found = await outcomes(ALLOWED_SOCKETS)
+
+    assert found.pop("if_nameindex").split(",") == ["lo"]
+    for name in ["AF_INET with the upper 32 bits set", "NETLINK_ROUTE with the upper 32 bits set"]:
+        assert found.pop(name).startswith("returned "), name  # a descriptor: the kernel read the low 32 bits
+    assert found == dict.fromkeys(found, "ok")
+    assert len(found) == 8
+
+
+async def test_nodes_network_interfaces_work_through_routing_netlink():
+    """Why NETLINK_ROUTE stays open: Node's os.networkInterfaces() (libuv's getifaddrs) needs it."""
+    async with Sandbox(Settings.load()) as sandbox:
+        result = await sandbox.execute(
+            "console.log(Object.keys(require('os').networkInterfaces()).join(','))",
+            language="javascript",
+            timeout_seconds=QUICK,
+        )
+
+    assert result.status == "success", result.stderr
+    assert result.stdout.strip() == "lo"
+
+
+async def test_the_init_cannot_be_rescheduled_reniced_or_limited_by_the_program():
+    assert await outcomes(INIT_HANDS_OFF) == {
+        **denied(
+            "sched_setscheduler(1, SCHED_IDLE)",
+            "sched_setparam(1)",
+            "sched_setattr(1)",
+            "sched_setaffinity(1)",
+            "prlimit64(1)",
+            "setpriority(PRIO_PROCESS, 1)",
+            "setpriority(PRIO_PROCESS, 1 with the upper 32 bits set)",
+            "setpriority(PRIO_PGRP, 0)",
+            "setpriority(PRIO_USER, 0)",
+        ),
+        "setpriority(PRIO_PROCESS, self)": "returned 0",
+        "sched_setaffinity(self)": "returned 0",
+        "prlimit64(self)": "returned 0",
+    }
+
+
+def test_the_projects_filter_refuses_socket_families_without_the_engines_profile():
+    """AF_PACKET would fail with EPERM for want of CAP_NET_RAW; the guard's filter answers first."""
+    code = PRELUDE + SOCKETS
+    code += "for family in (40, 17, 38, 15):\n    print(f'family {family}:')\n    sockets(family)\n"
+    code += "print('netlink audit:')\nsockets(16, 9)\n"
+    output = _guard_alone(code)
+
+    families = {}
+    for line in output.splitlines():
+        if line.endswith(":"):
+            current = families.setdefault(line[:-1], {})
+        else:
+            name, _, outcome = line.partition("=")
+            current[name] = outcome
+    assert families == {
+        **{f"family {f}": dict.fromkeys(SOCKET_CALLS, "EAFNOSUPPORT") for f in (40, 17, 38, 15)},
+        "netlink audit": dict.fromkeys(SOCKET_CALLS, "EPROTONOSUPPORT"),
+    }
