@@ -5,6 +5,12 @@ up to the cap, notices when a stream passes it (the backend then kills the sandb
 runner's trailers (``\\0<nonce>:<key>=<value>\\0``) from stdout, and hands new text to a streaming
 callback. Text, final or streamed, is decoded as UTF-8 with replacement and sanitized. It holds
 only bounded memory: at most the cap per stream plus one trailer.
+
+All of it runs on the event loop on bytes a sandboxed program chose, so every step is linear in
+them: trailers are found by one forward scan that never searches a byte twice (an open trailer
+waits for its closing NUL in the new bytes only); streamed text is sanitized in pieces of at most
+`_STREAM_PIECE` bytes with a checkpoint between pieces; and the final texts, up to the cap, are
+sanitized in a worker thread when they are large (`final_text`, `final_return_value`).
 """
 
 from __future__ import annotations
@@ -14,14 +20,27 @@ import binascii
 import codecs
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypeVar
+
+import anyio
+import anyio.lowlevel
+import anyio.to_thread
 
 from codomyrmex_sandbox.sanitize import sanitize
 
 StreamName = Literal["stdout", "stderr"]
 OutputCallback = Callable[[StreamName, str], Awaitable[None]]
 
-_MAX_TRAILER = 200_000  # a base64 repr of at most 64 KiB, with room to spare
+# The longest trailer, marker to closing NUL: the runner's return value is the base64 of at most
+# 65,550 characters (64 Ki and a truncation note) of up to 4 UTF-8 bytes each, 349,600 bytes.
+_MAX_TRAILER = 360_000
+# Streamed text is decoded and sanitized this many bytes at a time, so that one large frame (or a
+# released trailer) cannot hold the event loop for long.
+_STREAM_PIECE = 32 * 1024
+# Final texts larger than this are sanitized in a worker thread rather than on the event loop.
+_OFF_LOOP_BYTES = 64 * 1024
+
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -55,8 +74,9 @@ class OutputCollector:
     def __init__(self, cap: int, nonce: str, on_output: OutputCallback | None = None) -> None:
         self._streams: dict[StreamName, _Stream] = {"stdout": _Stream(cap), "stderr": _Stream(cap)}
         self._marker = b"\x00" + nonce.encode("ascii") + b":"
-        # Bytes held back per stream because they may start a trailer split across chunks.
-        self._pending: dict[StreamName, bytes] = {"stdout": b"", "stderr": b""}
+        # Bytes held back per stream: a tail that may start a marker split across chunks (shorter
+        # than the marker), or an open trailer, whole marker included, waiting for its closing NUL.
+        self._held: dict[StreamName, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self._on_output = on_output
         self.trailers: dict[str, bytes] = {}
         self.stderr_exit: bytes | None = None
@@ -77,7 +97,8 @@ class OutputCollector:
     async def finish(self) -> None:
         """The streams ended: release held-back bytes (a trailer that never closed is output)."""
         for name, stream in self._streams.items():
-            held, self._pending[name] = self._pending[name], b""
+            held = bytes(self._held[name])
+            self._held[name].clear()
             await self._keep(name, held)
             tail = stream.decoder.decode(b"", final=True)
             if tail and self._on_output is not None:
@@ -85,7 +106,11 @@ class OutputCollector:
 
     def text(self, stream: StreamName) -> str:
         """The stream's output so far, decoded and sanitized (see `codomyrmex_sandbox.sanitize`)."""
-        return sanitize(bytes(self._streams[stream].data).decode("utf-8", errors="replace"))
+        return _decoded(bytes(self._streams[stream].data))
+
+    async def final_text(self, stream: StreamName) -> str:
+        """`text`, computed in a worker thread when it is large, so that the event loop keeps serving."""
+        return await _off_loop(_decoded, bytes(self._streams[stream].data))
 
     def truncated(self, stream: StreamName) -> bool:
         return self._streams[stream].truncated
@@ -95,12 +120,12 @@ class OutputCollector:
 
     def return_value(self) -> str | None:
         raw = self.trailers.get("rv")
-        if raw is None:
-            return None
-        try:
-            return sanitize(base64.b64decode(raw, validate=True).decode("utf-8", errors="replace"))
-        except binascii.Error:
-            return None
+        return None if raw is None else _return_value(raw)
+
+    async def final_return_value(self) -> str | None:
+        """`return_value`, computed in a worker thread when it is large."""
+        raw = self.trailers.get("rv")
+        return None if raw is None else await _off_loop(_return_value, raw)
 
     def reported_exit(self) -> int | None:
         """The exit status the runner reported for a deliberate exit, if it did."""
@@ -114,36 +139,87 @@ class OutputCollector:
             return
         state = self._streams[stream]
         kept = state.add(chunk)
-        if kept and self._on_output is not None:
-            text = state.decoder.decode(kept)
+        if not kept or self._on_output is None:
+            return
+        for offset in range(0, len(kept), _STREAM_PIECE):
+            if offset:
+                await anyio.lowlevel.checkpoint()  # let other tasks run between pieces of a large chunk
+            text = state.decoder.decode(kept[offset : offset + _STREAM_PIECE])
             if text:
                 await self._on_output(stream, sanitize(text))
 
     def _strip_trailers(self, stream: StreamName, chunk: bytes) -> bytes:
-        buf = self._pending[stream] + chunk
+        """Remove the runner's trailers from ``chunk`` (and the bytes held from earlier chunks); keep the rest.
+
+        Linear in the bytes fed, whatever they hold: each byte is searched once for a marker or
+        once for a closing NUL, never both and never again; an open trailer is only appended to.
+        A trailer is at most `_MAX_TRAILER` bytes up to its closing NUL, however it is split.
+        """
+        held = self._held[stream]
         out = bytearray()
+        if len(held) >= len(self._marker):
+            pos = self._close_trailer(stream, chunk, out)
+            if pos is None:
+                return bytes(out)
+            data = chunk
+        else:  # at most a marker's length held back: joining it to the chunk costs no more than the chunk
+            data = bytes(held) + chunk if held else chunk
+            held.clear()
+            pos = 0
+        self._scan(stream, data, pos, out)
+        return bytes(out)
+
+    def _close_trailer(self, stream: StreamName, chunk: bytes, out: bytearray) -> int | None:
+        """A trailer is open: its closing NUL can only be in ``chunk``. Where the scan goes on, or None."""
+        held = self._held[stream]
+        end = chunk.find(b"\x00")
+        if end < 0:
+            if len(held) + len(chunk) <= _MAX_TRAILER:
+                held += chunk
+            else:  # not a trailer after all; no NUL past the marker's, so no other marker in it
+                out += held
+                out += chunk
+                held.clear()
+            return None
+        if len(held) + end > _MAX_TRAILER:  # not a trailer after all
+            out += held
+            out += memoryview(chunk)[:end]
+            pos = end  # that NUL may start a marker
+        else:
+            held += memoryview(chunk)[:end]
+            if not self._record(stream, bytes(held[len(self._marker) :])):
+                out += held
+                out += b"\x00"
+            pos = end + 1
+        held.clear()
+        return pos
+
+    def _scan(self, stream: StreamName, data: bytes, pos: int, out: bytearray) -> None:
+        """Move ``data[pos:]`` to ``out``, recording trailers; hold back an open trailer or a partial marker."""
+        marker, held, view = self._marker, self._held[stream], memoryview(data)
         while True:
-            start = buf.find(self._marker)
+            start = data.find(marker, pos)
             if start < 0:
                 # Hold back a tail that could be the beginning of a marker split across chunks.
-                keep = _partial_prefix(buf, self._marker)
-                out += buf[: len(buf) - keep]
-                self._pending[stream] = buf[len(buf) - keep :]
-                return bytes(out)
-            end = buf.find(b"\x00", start + len(self._marker))
+                cut = len(data) - _partial_prefix(data[max(pos, len(data) - len(marker) + 1) :], marker)
+                out += view[pos:cut]
+                held += view[cut:]
+                return
+            out += view[pos:start]
+            end = data.find(b"\x00", start + len(marker))
             if end < 0:
-                if len(buf) - start > _MAX_TRAILER:  # not a trailer after all: release it
-                    out += buf[: start + 1]
-                    buf = buf[start + 1 :]
-                    continue
-                out += buf[:start]
-                self._pending[stream] = buf[start:]
-                return bytes(out)
-            out += buf[:start]
-            body = buf[start + len(self._marker) : end]
-            if not self._record(stream, body):  # looks like a marker but is not a trailer: keep it
-                out += buf[start : end + 1]
-            buf = buf[end + 1 :]
+                if len(data) - start > _MAX_TRAILER:  # not a trailer after all; nothing after it can be one
+                    out += view[start:]
+                else:
+                    held += view[start:]
+                return
+            if end - start > _MAX_TRAILER:  # not a trailer after all: release it and scan on from the NUL
+                out += view[start:end]
+                pos = end
+                continue
+            if not self._record(stream, data[start + len(marker) : end]):  # a marker but not a trailer: keep it
+                out += view[start : end + 1]
+            pos = end + 1
 
     def _record(self, stream: StreamName, body: bytes) -> bool:
         key, sep, value = body.partition(b"=")
@@ -156,6 +232,24 @@ class OutputCollector:
             self.stderr_exit = value
             return True
         return False
+
+
+def _decoded(raw: bytes) -> str:
+    return sanitize(raw.decode("utf-8", errors="replace"))
+
+
+def _return_value(raw: bytes) -> str | None:
+    try:
+        return _decoded(base64.b64decode(raw, validate=True))
+    except binascii.Error:
+        return None
+
+
+async def _off_loop(func: Callable[[bytes], _T], raw: bytes) -> _T:
+    """``func(raw)``, in a worker thread when ``raw`` is large: linear still means tens of ms a MiB."""
+    if len(raw) <= _OFF_LOOP_BYTES:
+        return func(raw)
+    return await anyio.to_thread.run_sync(func, raw)
 
 
 def _partial_prefix(buf: bytes, marker: bytes) -> int:

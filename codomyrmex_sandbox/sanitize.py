@@ -14,6 +14,32 @@ UTF-8 decoding with replacement:
    reader sees).
 
 Each step is a pure ``str -> str`` function; `sanitize` runs them in order.
+
+A string control (OSC, DCS, SOS, PM, APC, in their ``ESC`` or 8-bit form) is removed up to its
+terminator (BEL, ``ESC \\`` or ST, U+009C) when one comes within 64 KiB. One that never ends hides
+nothing: its introducer is dropped (``ESC`` forms, as a two-character escape) or shown (8-bit
+forms) and the text after it stays.
+
+Every step costs time linear in its input, by construction: the input comes from a sandboxed
+program, and the steps run on the server's event loop for streamed output.
+
+- The escape pattern cannot backtrack: every repetition in it is possessive (``*+``, ``?+``,
+  ``{0,65536}+``), so an attempt never gives characters back to try again; and each alternative
+  starts with one fixed character, so a position where none can start costs a few comparisons.
+- No two attempts of one kind scan the same characters: CSIs and other escapes read only what
+  they remove; an ``ESC`` string's body stops at the next ESC (or BEL, ST), and an 8-bit string's
+  body stops at the next ESC or 8-bit introducer (or BEL, ST). However many introducers fail for
+  want of a terminator, each character is read by at most one string attempt of each kind. (The
+  8-bit body used to run on over further 8-bit introducers, so each of n unterminated ones
+  rescanned up to 64 KiB: ``"\\x90" * 65536`` took 30 s, on the event loop.)
+- Matches are replaced by a literal, so the substitution runs in C with no Python call per
+  match; controls and bidi characters are made visible with `str.translate` after one search
+  shows there is any, not by a Python call per character.
+
+The 8-bit body stopping at an introducer changes nothing for well-formed input (ECMA-48 allows no
+C1 control inside a control string). For a malformed one that holds another 8-bit introducer, the
+string is taken to start at the last introducer before the terminator, and what comes before it
+is shown, introducers made visible: less is hidden than before, never more.
 """
 
 from __future__ import annotations
@@ -23,19 +49,23 @@ from collections.abc import Callable, Sequence
 
 Step = Callable[[str], str]
 
-# ESC followed by a CSI, OSC, DCS, SOS, PM or APC introducer, up to its terminator; or a two-char escape.
 _ESCAPES = re.compile(
     r"""
-    \x1b\[[0-?]*[ -/]*[@-~]?                       # CSI: ESC [ params intermediates final
-    | \x9b[0-?]*[ -/]*[@-~]?                        # 8-bit CSI
-    | \x1b[\]PX^_][^\x07\x1b\x9c]{0,65536}(?:\x07|\x1b\\|\x9c)   # OSC, DCS, SOS, PM, APC, up to BEL or ST
-    | [\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c]{0,65536}(?:\x07|\x1b\\|\x9c)  # their 8-bit introducers
-    | \x1b[ -/]*[0-~]?                               # other escapes: ESC ( B, ESC c (reset), a lone ESC
+    # CSI: ESC [ params intermediates final; then its 8-bit form
+    \x1b\[[0-?]*+[ -/]*+[@-~]?+
+    | \x9b[0-?]*+[ -/]*+[@-~]?+
+    # OSC, DCS, SOS, PM, APC, up to BEL, ESC \ or ST; then their 8-bit introducers
+    | \x1b[\]PX^_][^\x07\x1b\x9c]{0,65536}+(?:\x07|\x1b\\|\x9c)
+    | [\x90\x98\x9d\x9e\x9f][^\x07\x1b\x9c\x90\x98\x9d\x9e\x9f]{0,65536}+(?:\x07|\x1b\\|\x9c)
+    # other escapes: ESC ( B, ESC c (reset), ESC \, an unterminated string's ESC ], a lone ESC
+    | \x1b[ -/]*+[0-~]?+
     """,
-    re.VERBOSE | re.DOTALL,
+    re.VERBOSE,
 )
 _CONTROLS = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SHOWN_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0))}
 _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
+_SHOWN_BIDI = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
 
 
 def strip_escape_sequences(text: str) -> str:
@@ -47,11 +77,11 @@ def normalise_line_endings(text: str) -> str:
 
 
 def show_control_characters(text: str) -> str:
-    return _CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return text.translate(_SHOWN_CONTROLS) if _CONTROLS.search(text) else text
 
 
 def show_bidi_overrides(text: str) -> str:
-    return _BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+    return text.translate(_SHOWN_BIDI) if _BIDI.search(text) else text
 
 
 DEFAULT_STEPS: Sequence[Step] = (

@@ -113,7 +113,7 @@ def _signal_name(code: int | None) -> str | None:
         return f"SIG{code - 128}"
 
 
-def build_result(
+async def build_result(
     job: Job,
     collector: OutputCollector,
     evidence: Evidence,
@@ -122,17 +122,18 @@ def build_result(
     *,
     usage: ResourceUsage | None = None,
 ) -> ExecutionResult:
+    """The result of a run that ended. Large texts are sanitized in a worker thread, off the event loop."""
     status, exit_code, signal = decide(evidence, collector.reported_exit())
     return ExecutionResult(
         execution_id=job.execution_id,
         status=status,
         exit_code=exit_code,
         signal=signal,
-        stdout=collector.text("stdout"),
-        stderr=collector.text("stderr"),
+        stdout=await collector.final_text("stdout"),
+        stderr=await collector.final_text("stderr"),
         stdout_truncated=collector.truncated("stdout"),
         stderr_truncated=collector.truncated("stderr"),
-        return_value=collector.return_value() if status is Status.SUCCESS else None,
+        return_value=await collector.final_return_value() if status is Status.SUCCESS else None,
         duration_ms=round(duration_ms, 3),
         language=job.runtime.name,
         runtime=runtime_version,

@@ -259,7 +259,7 @@ class DockerBackend:
             if usage.oom_kills and not evidence.oom_killed:
                 evidence = dataclasses.replace(evidence, oom_killed=True)  # the kernel's count is evidence too
             usage = _with_limit_hit(usage, evidence, job.limits.memory_mb * MIB)
-        return build_result(job, collector, evidence, duration_ms, version, usage=usage)
+        return await build_result(job, collector, evidence, duration_ms, version, usage=usage)
 
     async def _version_of(self, runtime: RuntimeSpec) -> str:
         version = self._versions.get(runtime.name)

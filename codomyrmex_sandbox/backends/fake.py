@@ -135,7 +135,7 @@ class FakeBackend:
             output_capped=collector.over_cap,
         )
         version = f"{job.runtime.name} (fake)"
-        return build_result(job, collector, evidence, (time.monotonic() - started) * 1000, version)
+        return await build_result(job, collector, evidence, (time.monotonic() - started) * 1000, version)
 
 
 def _b64(text: str) -> bytes:

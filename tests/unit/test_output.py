@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import base64
+import itertools
+import threading
+import time
+from unittest import mock
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from codomyrmex_sandbox import output as output_module
 from codomyrmex_sandbox.backends.base import Evidence, decide
 from codomyrmex_sandbox.models import Status
 from codomyrmex_sandbox.output import OutputCollector
@@ -157,3 +163,212 @@ def test_an_unterminated_escape_string_cannot_hide_the_rest_of_the_output():
 async def test_a_reported_exit_status_above_255_is_not_believed():
     collector, _ = await collect([("stdout", trailer("exit", b"256"))])
     assert collector.reported_exit() is None
+
+
+# -- trailers: one linear scan, whatever the program sends ------------------------------------------
+
+MARKER = b"\x00" + NONCE.encode() + b":"
+
+
+def previous_strip(chunks: list[bytes]) -> tuple[bytes, dict[str, bytes]]:
+    """The previous trailer scan of stdout, as the reference: what it kept, and the trailers it read.
+
+    It joined the held bytes to each chunk and searched them again, and sliced the buffer after
+    each marker (quadratic on a flood); its release of an open trailer past 200 KB is left out, as
+    no reference input comes near it.
+    """
+    pending, out, trailers = b"", bytearray(), {}
+
+    def record(body: bytes) -> bool:
+        key, sep, value = body.partition(b"=")
+        if sep and key in (b"rv", b"exit"):
+            trailers[key.decode()] = value
+            return True
+        return False
+
+    for chunk in chunks:
+        buf = pending + chunk
+        while True:
+            start = buf.find(MARKER)
+            if start < 0:
+                sizes = range(min(len(buf), len(MARKER) - 1), 0, -1)
+                keep = next((size for size in sizes if buf.endswith(MARKER[:size])), 0)
+                out += buf[: len(buf) - keep]
+                pending = buf[len(buf) - keep :]
+                break
+            end = buf.find(b"\x00", start + len(MARKER))
+            if end < 0:
+                out += buf[:start]
+                pending = buf[start:]
+                break
+            out += buf[:start]
+            if not record(buf[start + len(MARKER) : end]):
+                out += buf[start : end + 1]
+            buf = buf[end + 1 :]
+    return bytes(out + pending), trailers
+
+
+PIECES = [
+    b"plain text\n",
+    b"\xe2\x82",  # half a character
+    b"\x00",  # a lone NUL
+    trailer("exit", b"0"),
+    trailer("rv", base64.b64encode(b"'x'")),
+    trailer("nokey", b"1"),  # the nonce, but not a trailer
+    b"\x00" + NONCE.encode() + b":junk\x00",  # no '=': not a trailer
+    b"\x00ffffffffffffffffffffffffffffffff:exit=9\x00",  # another nonce
+    MARKER[:5],  # a marker cut short
+    MARKER,  # a marker whose trailer runs on into what follows
+    MARKER[:1] + MARKER,
+]
+
+
+@given(st.lists(st.sampled_from(PIECES), max_size=12), st.lists(st.integers(min_value=0, max_value=400), max_size=8))
+async def test_trailers_are_found_as_before_however_the_stream_is_cut(pieces: list[bytes], cuts: list[int]):
+    data = b"".join(pieces)
+    bounds = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    collector, streamed = await collect([("stdout", chunk) for chunk in chunks], cap=10_000)
+    kept, trailers = previous_strip(chunks)
+    assert bytes(collector._streams["stdout"].data) == kept
+    assert collector.trailers == trailers
+    assert "".join(text for _, text in streamed) == collector.text("stdout")
+
+
+async def test_a_trailer_split_at_every_offset_is_read_and_removed():
+    data = b"before" + trailer("rv", base64.b64encode(b"'ok'")) + b"mid" + trailer("exit", b"0") + b"after"
+    for cut in range(len(data) + 1):
+        collector, streamed = await collect([("stdout", data[:cut]), ("stdout", data[cut:])])
+        assert collector.text("stdout") == "beforemidafter", cut
+        assert collector.return_value() == "'ok'"
+        assert collector.reported_exit() == 0
+        assert "".join(text for _, text in streamed) == "beforemidafter"
+    for size in range(1, 40):  # and fed in pieces of every small size
+        collector, _ = await collect([("stdout", data[i : i + size]) for i in range(0, len(data), size)])
+        assert collector.text("stdout") == "beforemidafter", size
+        assert collector.return_value() == "'ok'"
+
+
+def counting_scans(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Count the bytes handed to the collector's searches: each byte once, plus a partial marker's few."""
+    handed = [0]
+    scan, close = OutputCollector._scan, OutputCollector._close_trailer
+
+    def counted_scan(self, stream, data, pos, out):
+        handed[0] += len(data) - pos
+        return scan(self, stream, data, pos, out)
+
+    def counted_close(self, stream, chunk, out):
+        handed[0] += len(chunk)
+        return close(self, stream, chunk, out)
+
+    monkeypatch.setattr(OutputCollector, "_scan", counted_scan)
+    monkeypatch.setattr(OutputCollector, "_close_trailer", counted_close)
+    return handed
+
+
+async def test_an_open_trailer_fed_in_small_chunks_is_not_searched_again(monkeypatch):
+    handed = counting_scans(monkeypatch)
+    value = base64.b64encode(b"v" * 150_000)
+    data = b"x" + trailer("rv", value) + b"y"
+    chunks = [("stdout", data[i : i + 16]) for i in range(0, len(data), 16)]
+    collector, _ = await collect(chunks, cap=1000)
+    assert collector.return_value() == "v" * 150_000
+    assert collector.text("stdout") == "xy"
+    # The previous scan searched the held trailer again for each chunk: about 12,500 x 100 KB.
+    assert handed[0] <= len(data) + len(chunks) * len(MARKER)
+
+
+async def test_a_flood_of_forged_and_partial_markers_is_kept_as_output_in_one_pass(monkeypatch):
+    handed = counting_scans(monkeypatch)
+    forged = b"\x00" + NONCE.encode() + b":junk\x00" + MARKER[:7] + b"\x00"
+    data = forged * 30_000 + trailer("exit", b"0")  # about 1.4 MB
+    start = time.perf_counter()
+    collector, _ = await collect([("stdout", data)], cap=len(data))
+    elapsed = time.perf_counter() - start
+    assert collector.reported_exit() == 0
+    assert bytes(collector._streams["stdout"].data) == forged * 30_000
+    assert handed[0] == len(data)
+    # A generous guard, not a benchmark: the previous scan copied the rest of the buffer after
+    # each of the 30,000 markers (tens of GB).
+    assert elapsed < 5.0
+
+
+async def test_an_unterminated_200_kb_trailer_is_output_at_the_end():
+    data = b"before" + MARKER + b"rv=" + b"A" * 200_000
+    collector, streamed = await collect(
+        [("stdout", data[i : i + 4096]) for i in range(0, len(data), 4096)], cap=300_000
+    )
+    assert collector.return_value() is None
+    assert bytes(collector._streams["stdout"].data) == data
+    assert "".join(text for _, text in streamed) == collector.text("stdout")
+
+
+async def test_an_open_trailer_past_the_bound_is_output_at_once_however_it_is_cut():
+    too_long = MARKER + b"rv=" + b"A" * output_module._MAX_TRAILER + b"\x00after"
+    for size in (len(too_long), len(too_long) - 6, 65536, 4093, 1000):  # the second: the NUL opens a chunk
+        collector, _ = await collect(
+            [("stdout", too_long[i : i + size]) for i in range(0, len(too_long), size)], cap=1_000_000
+        )
+        assert collector.return_value() is None, size
+        assert bytes(collector._streams["stdout"].data) == too_long, size
+    # While the stream is still open, too: nothing waits for a NUL that may never come.
+    collector = OutputCollector(1_000_000, NONCE)
+    await collector.feed("stdout", too_long[: len(MARKER) + 3 + output_module._MAX_TRAILER])
+    assert collector.size("stdout") == len(MARKER) + 3 + output_module._MAX_TRAILER
+
+
+@given(
+    st.lists(st.sampled_from([*PIECES, MARKER + b"rv=" + b"A" * 20 + b"\x00", MARKER + b"B" * 20]), max_size=10),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+)
+async def test_whether_a_trailer_is_too_long_does_not_depend_on_how_it_is_cut(pieces: list[bytes], cuts: list[int]):
+    data = b"".join(pieces)
+    bounds = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
+    with mock.patch.object(output_module, "_MAX_TRAILER", len(MARKER) + 10):  # "rv=" and 7 bytes
+        whole, _ = await collect([("stdout", data)], cap=10_000)
+        cut, _ = await collect([("stdout", data[a:b]) for a, b in itertools.pairwise(bounds)], cap=10_000)
+    assert bytes(cut._streams["stdout"].data) == bytes(whole._streams["stdout"].data)
+    assert cut.trailers == whole.trailers
+
+
+async def test_the_runners_largest_return_value_is_still_a_trailer():
+    # The runner cuts a repr at 65,536 characters and adds a note; at 4 UTF-8 bytes a character
+    # its base64 is about 350 KB, over the previous bound of 200 KB.
+    text = "😀" * 65536 + "...[truncated]"
+    data = trailer("rv", base64.b64encode(text.encode())) + trailer("exit", b"0")
+    collector, _ = await collect([("stdout", data[i : i + 32768]) for i in range(0, len(data), 32768)])
+    assert await collector.final_return_value() == text
+    assert collector.text("stdout") == ""
+
+
+# -- sanitizing large texts: in pieces when streamed, off the event loop when final --------------
+
+
+async def test_a_large_chunk_is_streamed_in_bounded_pieces():
+    _, streamed = await collect([("stdout", b"x" * (1024 * 1024))], cap=2 * 1024 * 1024)
+    assert max(len(text) for _, text in streamed) <= output_module._STREAM_PIECE
+    assert "".join(text for _, text in streamed) == "x" * (1024 * 1024)
+
+
+async def test_large_final_texts_are_sanitized_in_a_worker_thread(monkeypatch):
+    threads: list[int] = []
+    decoded = output_module._decoded
+
+    def recording(raw: bytes) -> str:
+        threads.append(threading.get_ident())
+        return decoded(raw)
+
+    monkeypatch.setattr(output_module, "_decoded", recording)
+    big = "\x90".encode() * output_module._OFF_LOOP_BYTES  # twice the bound, in bytes
+    rv = base64.b64encode(big)
+    collector, _ = await collect([("stdout", big + trailer("rv", rv)), ("stderr", b"small\x1b[1m")], cap=len(big))
+    here = threading.get_ident()
+
+    assert await collector.final_text("stdout") == "\\x90" * output_module._OFF_LOOP_BYTES
+    assert threads.pop() != here
+    assert await collector.final_text("stderr") == "small"
+    assert threads.pop() == here
+    assert await collector.final_return_value() == "\\x90" * output_module._OFF_LOOP_BYTES
+    assert threads.pop() != here
+    assert collector.text("stdout") == await collector.final_text("stdout")
