@@ -5,16 +5,22 @@ when ``audit_log_path`` is set, one JSON line appended to that file. The start r
 before any sandbox exists, so a crash between start and end still leaves a trace. Records carry a
 SHA-256 of the code and its size, never the code itself, and never environment values. The schema
 is documented in SECURITY.md.
+
+The file stays valid JSON Lines whatever happens to the server: each record is written with one
+``write`` call on a descriptor opened with ``O_APPEND`` (so a record is never interleaved with
+another, and a SIGKILL can at worst leave the last record cut short), and opening the file drops
+such a cut-short last record, saying so on stderr, before anything is appended.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from codomyrmex_sandbox.backends.base import Job
 from codomyrmex_sandbox.logs import get_logger
@@ -39,19 +45,25 @@ class AuditLog:
 
     def __init__(self, path: Path | None = None) -> None:
         self.path = path
-        self._file: IO[str] | None = None
+        self._fd: int | None = None
         self._lock = threading.Lock()
 
     def open(self) -> None:
-        if self.path is not None and self._file is None:
+        if self.path is not None and self._fd is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = self.path.open("a", encoding="utf-8")
+            fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                _drop_torn_record(fd, self.path)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
 
     def close(self) -> None:
         with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
     def started(self, job: Job, request: ExecutionRequest, client: str | None) -> None:
         self._write(
@@ -109,7 +121,7 @@ class AuditLog:
 
     def _write(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         get_logger(AUDIT_LOGGER).info(event, **fields)
-        if self._file is None:
+        if self._fd is None:
             return
         record = {
             "schema": SCHEMA_VERSION,
@@ -117,8 +129,38 @@ class AuditLog:
             "event": event,
             **fields,
         }
-        line = json.dumps(record, separators=(",", ":"), default=str) + "\n"
+        line = (json.dumps(record, separators=(",", ":"), default=str) + "\n").encode("utf-8")
         with self._lock:
-            if self._file is not None:
-                self._file.write(line)
-                self._file.flush()
+            if self._fd is not None:
+                written = os.write(self._fd, line)
+                while written < len(line):  # a short write (a full disk, a signal): finish the record
+                    written += os.write(self._fd, line[written:])
+
+
+_TAIL_BLOCK = 65_536
+
+
+def _drop_torn_record(fd: int, path: Path) -> None:
+    """Cut the file back to its last complete line, if a crash left a record without its newline."""
+    size = os.fstat(fd).st_size
+    end = size
+    while end > 0:
+        start = max(0, end - _TAIL_BLOCK)
+        block = os.pread(fd, end - start, start)
+        if end == size and block.endswith(b"\n"):
+            return
+        newline = block.rfind(b"\n")
+        if newline >= 0:
+            end = start + newline + 1
+            break
+        end = start
+    if end == size:
+        return
+    fragment = os.pread(fd, min(size - end, 200), end)
+    os.ftruncate(fd, end)
+    get_logger(AUDIT_LOGGER).warning(
+        "audit_log_repaired",
+        path=str(path),
+        dropped_bytes=size - end,
+        fragment=fragment.decode("utf-8", "replace"),
+    )

@@ -10,6 +10,7 @@ from anyio import wait_all_tasks_blocked
 from structlog.testing import capture_logs
 
 from codomyrmex_sandbox import FakeBackend, FakeRun, InvalidRequestError, Sandbox, ServerBusyError, Settings
+from codomyrmex_sandbox.audit import AuditLog
 
 
 def blocking_handler(started: list[anyio.Event], release: anyio.Event):
@@ -99,6 +100,41 @@ async def test_the_audit_log_file_gets_one_json_line_per_event_and_never_the_cod
     assert "cap of 300" in denied["reason"]
     assert all(r["schema"] == 1 and r["time"] for r in records)
     assert "secret-ish" not in path.read_text()
+
+
+@pytest.mark.parametrize("torn", [b'{"schema":1,"event":"audit.execution","status":"succ', b"{" + b"x" * 200_000])
+def test_a_record_cut_short_by_a_crash_is_dropped_when_the_log_opens(tmp_path, torn):
+    path = tmp_path / "audit.jsonl"
+    whole = b'{"schema":1,"event":"audit.execution_started"}\n{"schema":1,"event":"audit.execution"}\n'
+    path.write_bytes(whole + torn)  # what a SIGKILL in the middle of a write can leave
+
+    log = AuditLog(path)
+    with capture_logs() as logs:
+        log.open()
+    log.ended_without_result("e1", "python", "denied", None, reason="after the crash")
+    log.close()
+
+    lines = path.read_bytes().splitlines()
+    assert [json.loads(line)["event"] for line in lines] == [
+        "audit.execution_started",
+        "audit.execution",
+        "audit.execution",
+    ]
+    assert json.loads(lines[-1])["reason"] == "after the crash"
+    repaired = [entry for entry in logs if entry["event"] == "audit_log_repaired"]
+    assert repaired and repaired[0]["dropped_bytes"] == len(torn)
+
+
+def test_a_log_that_is_only_a_torn_record_becomes_empty_and_a_whole_log_is_left_alone(tmp_path):
+    torn, whole = tmp_path / "torn.jsonl", tmp_path / "whole.jsonl"
+    torn.write_bytes(b'{"schema":1,"ev')
+    whole.write_bytes(b'{"schema":1}\n')
+    for path in (torn, whole):
+        log = AuditLog(path)
+        log.open()
+        log.close()
+    assert torn.read_bytes() == b""
+    assert whole.read_bytes() == b'{"schema":1}\n'
 
 
 async def test_a_call_cancelled_while_queued_is_audited_as_cancelled():
