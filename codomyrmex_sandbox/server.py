@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from typing import Any
 
@@ -34,6 +35,8 @@ TOOL_NAME = "execute_code"
 STREAM_INTERVAL_SECONDS = 0.1
 STREAM_MESSAGE_CHARS = 16_384
 STREAM_BACKLOG_CHARS = 65_536
+MESSAGE_OVERHEAD_CHARS = 65_536  # everything in a request besides its code and stdin
+SKIP_PIECE_CHARS = 1 << 20  # the rest of an over-long line is read and dropped this much at a time
 
 
 def input_schema(sandbox: Sandbox) -> dict[str, Any]:
@@ -243,9 +246,12 @@ class _ProgressStreamer:
         text = "".join(self._parts)
         self._parts.clear()
         self._size = 0
-        while True:
-            message, text = text[:STREAM_MESSAGE_CHARS], text[STREAM_MESSAGE_CHARS:]
-            if self._dropped and not text:
+        offset = 0
+        while True:  # slices by index: the backlog is never copied again per message
+            message = text[offset : offset + STREAM_MESSAGE_CHARS]
+            offset += STREAM_MESSAGE_CHARS
+            last = offset >= len(text)
+            if self._dropped and last:
                 message += f"\n[{self._dropped} characters not streamed; the result has them]\n"
                 self._dropped = 0
             elapsed = round(time.monotonic() - self._start, 3)
@@ -253,7 +259,7 @@ class _ProgressStreamer:
                 await self._ctx.session.report_progress(elapsed, self._total, message or None)
             except (anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return  # the client went away; the call's own cancellation follows
-            if not text:
+            if last:
                 return
 
 
@@ -263,22 +269,84 @@ class _StdinLines(anyio.AsyncFile[str]):
     The SDK's default reader cannot be abandoned, so a shutdown on SIGTERM would wait until the
     client sent another line or closed the pipe, keeping sandboxes (and warm ones) alive meanwhile.
     It also sets aside requests whose id is not a valid JSON-RPC id, which the SDK would take for
-    notifications and never answer; `_answer_malformed` answers them.
+    notifications and never answer, and lines longer than ``max_chars``, which are skipped without
+    being kept in memory; `_answer_rejected` answers both.
     """
 
-    def __init__(self, fp: Any) -> None:  # noqa: ANN401 - a text file
+    def __init__(self, fp: Any, max_chars: int) -> None:  # noqa: ANN401 - a text file
         super().__init__(fp)
+        self.max_chars = max_chars
         self.rejected_send, self.rejected = anyio.create_memory_object_stream[types.JSONRPCError](64)
 
     async def readline(self) -> str:
         while True:
-            line: str = await anyio.to_thread.run_sync(self.wrapped.readline, abandon_on_cancel=True)
-            if not _has_invalid_id(line):
+            line, invalid_id = await anyio.to_thread.run_sync(self._read_line, abandon_on_cancel=True)
+            if len(line) >= self.max_chars and not line.endswith("\n"):
+                await self._reject_oversized(line)
+                continue
+            if not invalid_id:
                 return line
             error = types.ErrorData(
                 code=types.INVALID_REQUEST, message="invalid request: id must be a string or a number"
             )
             await self.rejected_send.send(types.JSONRPCError(jsonrpc="2.0", id=None, error=error))
+
+    def _read_line(self) -> tuple[str, bool]:
+        """Worker thread: one line of at most ``max_chars``, and whether its id is invalid.
+
+        The id check parses the line, so it runs here too: a large line never costs the event loop.
+        """
+        line: str = self.wrapped.readline(self.max_chars)
+        complete = line.endswith("\n") or len(line) < self.max_chars
+        return line, complete and _has_invalid_id(line)
+
+    async def _reject_oversized(self, head: str) -> None:
+        """Skip the rest of an over-long line, a bounded piece at a time, and answer it with an error."""
+        skipped = len(head)
+        while True:
+            piece: str = await anyio.to_thread.run_sync(self.wrapped.readline, SKIP_PIECE_CHARS, abandon_on_cancel=True)
+            skipped += len(piece)
+            if not piece or piece.endswith("\n"):
+                break
+        get_logger("codomyrmex_sandbox.server").warning("message_too_large", characters=skipped, limit=self.max_chars)
+        error = types.ErrorData(
+            code=types.INVALID_REQUEST,
+            message=(
+                f"invalid request: the message is {skipped} characters long, over this server's limit of "
+                f"{self.max_chars}; send less code or stdin (the limits are in the tool's input schema)"
+            ),
+        )
+        await self.rejected_send.send(types.JSONRPCError(jsonrpc="2.0", id=_leading_id(head), error=error))
+
+
+# The id of a request, as the first key that looks like one in the start of a line. Bounded
+# repetitions and a bounded input keep it linear; an id it cannot find is answered as null.
+_LEADING_ID = re.compile(r'"id"\s{0,16}:\s{0,16}(?:"((?:[^"\\]|\\.){0,256})"|(-?\d{1,19})(?![\d.eE]))')
+_ID_SEARCH_CHARS = 4096
+
+
+def _leading_id(head: str) -> str | int | None:
+    match = _LEADING_ID.search(head[:_ID_SEARCH_CHARS])
+    if match is None:
+        return None
+    if match.group(2) is not None:
+        return int(match.group(2))
+    try:
+        value = json.loads(f'"{match.group(1)}"')
+    except ValueError:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def max_message_chars(sandbox: Sandbox) -> int:
+    """The longest stdin line the server reads: a few times the largest valid request.
+
+    JSON may spell each byte of code or stdin as a six-character escape, so the bound is six times
+    the largest code plus stdin that any language accepts, and room for the rest of the message.
+    """
+    policies = [sandbox.settings.policy(language) for language in sandbox.languages]
+    largest = max(p.max_code_bytes + p.max_stdin_bytes for p in policies)
+    return 6 * largest + MESSAGE_OVERHEAD_CHARS
 
 
 def _has_invalid_id(line: str) -> bool:
@@ -298,7 +366,10 @@ async def serve_stdio(sandbox: Sandbox) -> None:
     """Serve MCP on stdin/stdout until the client closes stdin, or the calling task is cancelled."""
     server = build_server(sandbox)
     # A duplicate of fd 0: closing this reader never closes the process's own stdin.
-    stdin = _StdinLines(open(os.dup(0), encoding="utf-8", errors="replace", closefd=True))  # noqa: SIM115, PTH123, ASYNC230 - a dup, never blocks
+    stdin = _StdinLines(
+        open(os.dup(0), encoding="utf-8", errors="replace", closefd=True),  # noqa: SIM115, PTH123, ASYNC230 - a dup, never blocks
+        max_message_chars(sandbox),
+    )
     async with stdio_server(stdin=stdin) as (read_stream, write_stream), anyio.create_task_group() as tg:
         # Lines that are not JSON-RPC messages reach the server as exceptions, which the SDK drops
         # without an answer: a client waiting on that id would wait forever. Answer them here.

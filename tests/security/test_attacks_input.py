@@ -16,6 +16,8 @@ from typing import Self
 
 import anyio
 import pytest
+from mcp.shared.exceptions import MCPError
+from mcp_types import INVALID_REQUEST
 
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("host_is_clean")]
 
@@ -72,16 +74,27 @@ async def still_serving(server) -> None:
 
 
 async def test_fifty_mebibytes_of_code_are_refused_fast_without_starting_a_sandbox(server, engine, measure):
-    """INP-01"""
+    """INP-01: past the bound on one message, the request is not even read whole (finding 4 of red-team round 1)."""
     code = "#" * (50 * MIB)
     with NothingStarted(server, engine):
         start = time.monotonic()
-        text = await refused(server, {"code": code, **LIMITS}, "code")
+        with pytest.raises(MCPError) as refusal:
+            await server.call({"code": code, **LIMITS})
         elapsed = time.monotonic() - start
     measure("refusal_seconds", round(elapsed, 3))
 
-    assert "1048576" in text or "cap" in text, text
+    assert refusal.value.error.code == INVALID_REQUEST
+    assert "over this server's limit" in refusal.value.error.message, refusal.value.error.message
     assert elapsed < 10, f"refusing 50 MiB took {elapsed:.1f} s"
+    await still_serving(server)
+
+
+async def test_five_mebibytes_of_code_are_refused_by_the_cap_without_starting_a_sandbox(server, engine):
+    """INP-01: under the message bound, the code cap refuses it, naming the cap."""
+    code = "#" * (5 * MIB)
+    with NothingStarted(server, engine):
+        text = await refused(server, {"code": code, **LIMITS}, "code")
+    assert "1048576" in text or "cap" in text, text
     await still_serving(server)
 
 
