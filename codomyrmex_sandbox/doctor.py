@@ -110,19 +110,33 @@ def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
     return problems
 
 
+USERNS_DEFAULT_RANGE = 65_536  # the size of the subuid range that userns-remap and rootless set up by default
+
+
 def engine_warnings(settings: Settings, info: dict[str, Any], version: dict[str, Any]) -> list[str]:
     """Weak spots that do not stop the server but that an operator should know about."""
     warnings = []
     security = " ".join(info.get("SecurityOptions") or [])
     if settings.oci_runtime != "runsc":
-        having = 'is installed: set oci_runtime = "runsc"' if "runsc" in (info.get("Runtimes") or {}) else "is not"
+        having = (
+            'is installed: set oci_runtime = "runsc"'
+            if "runsc" in (info.get("Runtimes") or {})
+            else "is not installed; it would put a kernel of its own between the sandboxes and the host's"
+        )
         warnings.append(
             f"sandboxes share the host kernel (runc); a kernel exploit escapes them. gVisor (runsc) {having}"
         )
+    last_uid = settings.sandbox_uid_base + settings.sandbox_uid_count - 1
     if "name=userns" not in security and "name=rootless" not in security:
         warnings.append(
-            "the engine uses no user namespaces (neither userns-remap nor rootless); the sandbox user "
-            "(65534) is then the host's 65534 for the kernel"
+            "the engine uses no user namespaces (neither userns-remap nor rootless); each sandbox's uid "
+            f"(one of {settings.sandbox_uid_base}-{last_uid}) is then the same uid on the host for the kernel"
+        )
+    elif last_uid >= USERNS_DEFAULT_RANGE:
+        warnings.append(
+            f"the engine remaps user namespaces, which map only the uids its subuid range holds (often "
+            f"{USERNS_DEFAULT_RANGE}); sandbox uids go up to {last_uid} and may not start: set "
+            "sandbox_uid_base and sandbox_uid_count inside the mapped range"
         )
     runc = next((c for c in version.get("Components") or [] if c.get("Name") == "runc"), None)
     if runc is not None and _older_than(str(runc.get("Version", "")), (1, 1, 12)):

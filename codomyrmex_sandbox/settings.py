@@ -26,6 +26,8 @@ from codomyrmex_sandbox.errors import InvalidRequestError
 from codomyrmex_sandbox.models import MIB
 
 ENV_PREFIX = "CODOMYRMEX_SANDBOX_"
+# Signed 32-bit: some programs still store a uid in an int, and (uid_t)-1 means "no change".
+MAX_SANDBOX_UID = 2**31 - 2
 
 
 def default_concurrency() -> int:
@@ -172,7 +174,24 @@ class Settings(BaseSettings, LimitFields):
         default=None, description="Folder of runtime recipes; default the one shipped with the package."
     )
     kill_grace_seconds: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    sandbox_uid_base: Annotated[int, Field(ge=1000, le=MAX_SANDBOX_UID)] = Field(
+        default=1_000_000_000,
+        description="First uid (and gid) that sandboxes run as; each live sandbox gets one of its own.",
+    )
+    sandbox_uid_count: Annotated[int, Field(ge=64, le=MAX_SANDBOX_UID)] = Field(
+        default=1_000_000,
+        description="How many uids from sandbox_uid_base sandboxes may use (more than can ever be live at once).",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @model_validator(mode="after")
+    def _uid_range_fits(self) -> Self:
+        if self.sandbox_uid_base + self.sandbox_uid_count - 1 > MAX_SANDBOX_UID:
+            raise ValueError(
+                f"sandbox_uid_base + sandbox_uid_count - 1 must be at most {MAX_SANDBOX_UID} "
+                "(uids above it are unsafe for many programs); lower one of them"
+            )
+        return self
 
     @model_validator(mode="after")
     def _every_policy_is_valid(self) -> Self:

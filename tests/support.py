@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,10 @@ from codomyrmex_sandbox.backends.docker import LABEL_PID as OWNER_PID
 from codomyrmex_sandbox.backends.docker import MANAGED
 from codomyrmex_sandbox.runtimes import load_runtimes
 
+# The uids sandboxes run as with the default settings: one per live sandbox (backends/identity.py).
+_UID_BASE = Settings.model_fields["sandbox_uid_base"].default
+SANDBOX_UIDS = range(_UID_BASE, _UID_BASE + Settings.model_fields["sandbox_uid_count"].default)
+
 __all__ = [
     "EXECUTION_ID",
     "FIX_ENGINE",
@@ -33,11 +38,13 @@ __all__ = [
     "MANAGED",
     "OWNER_HOST",
     "OWNER_PID",
+    "SANDBOX_UIDS",
     "TOOL",
     "OwnedSandboxes",
     "checked_engine",
     "child_with_variable",
     "console_script",
+    "control_engine",
     "describe",
     "inherited_environment",
 ]
@@ -45,6 +52,22 @@ __all__ = [
 TOOL = "execute_code"
 FIX_ENGINE = "start the Docker engine (e.g. `sudo systemctl start docker`) or set DOCKER_HOST"
 FIX_IMAGES = "run `codomyrmex-sandbox runtimes build`"
+
+
+ENGINE_SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "engine"
+
+
+def control_engine(action: str) -> None:
+    """Stop or start the local engine with scripts/engine, as an operator or a crash would.
+
+    The fault tests take the engine away under a running server; they need to be allowed to (root,
+    as on CI and these machines), and are skipped with the reason where they are not.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("stopping and starting the Docker engine needs root")
+    completed = subprocess.run([str(ENGINE_SCRIPT), action], check=False, capture_output=True, text=True, timeout=120)
+    if completed.returncode != 0:
+        pytest.fail(f"scripts/engine {action} failed: {completed.stderr[-2000:]}")
 
 
 def console_script() -> str:

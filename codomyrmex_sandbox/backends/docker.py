@@ -20,9 +20,12 @@ import dataclasses
 import math
 import os
 import secrets
+import select
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeoutError
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -46,6 +49,7 @@ from codomyrmex_sandbox.backends.base import (
 )
 from codomyrmex_sandbox.backends.cgroups import CGROUP_ROOT, CgroupAccounting
 from codomyrmex_sandbox.backends.egress import ensure_egress
+from codomyrmex_sandbox.backends.identity import MAX_ATTEMPTS, UidRange, container_name
 from codomyrmex_sandbox.backends.pool import WarmPool
 from codomyrmex_sandbox.errors import (
     BackendError,
@@ -70,12 +74,18 @@ LABEL_CREATED = f"{LABEL_PREFIX}.created-at"
 LABEL_EXPIRES = f"{LABEL_PREFIX}.expires-at"
 LABEL_HOST = f"{LABEL_PREFIX}.owner-host"
 LABEL_PID = f"{LABEL_PREFIX}.owner-pid"
+LABEL_UID = f"{LABEL_PREFIX}.uid"
 
 WORKDIR = "/sandbox"
-SANDBOX_USER = "65534:65534"
 # Every sandbox starts through this program (runtimes/_shared/seccomp_guard.c): it installs the
-# project's seccomp filter, stacked on the engine's default profile, then runs the command.
+# project's seccomp filter, stacked on the engine's default profile, and is the sandbox's init
+# (PID 1): it runs the command as its child and ends the whole sandbox at the deadline, which no
+# process of the sandbox can stop (see SECURITY.md, "In-container self-destruct").
 SECCOMP_GUARD = "/opt/codomyrmex/seccomp-guard"
+FINAL_STATE_TIMEOUT_SECONDS = 30.0
+CONFLICT = 409
+SIGKILL_EXIT = 128 + 9  # how the init reports a child killed by SIGKILL
+RECONNECT_INTERVAL_SECONDS = 1.0  # how often upkeep tries the engine again while it is away
 _STREAMS: dict[int, StreamName] = {1: "stdout", 2: "stderr"}
 FIX_ENGINE = (
     "start the Docker engine (for example `sudo systemctl start docker`, or `sudo dockerd &`), "
@@ -105,6 +115,10 @@ class _Box:
     runtime: RuntimeSpec
     memory_mb: int
     parent: str | None  # its accounting cgroup, when accounting works here
+    uid: int
+    # The engine's answer to "wait for the next exit", asked before the start: the engine removes
+    # the container itself once it stops, so its exit code must be asked for ahead of time.
+    exited: Future[dict[str, Any]] | None = None
 
 
 class DockerBackend:
@@ -120,7 +134,13 @@ class DockerBackend:
         self._host = socket.gethostname()
         self._versions: dict[str, str] = {}
         self._live: set[str] = set()
+        self._uids: set[int] = set()  # held by this server's live sandboxes
+        self._uid_range = UidRange(settings.sandbox_uid_base, settings.sandbox_uid_count)
         self._threads = anyio.CapacityLimiter(256)
+        # Threads that wait for a sandbox to exit: one per live sandbox, blocked on the engine.
+        self._waits = ThreadPoolExecutor(max_workers=256, thread_name_prefix="sandbox-exit")
+        self._connecting = anyio.Lock()
+        self._lost = anyio.Event()  # set when a call finds the engine gone: upkeep starts reconnecting
         self._accounting: CgroupAccounting | None = None
         self._janitor: MemoryObjectSendStream[_Box] | None = None
         self._egress: str | None = None  # the egress network's name, once it and its rules exist
@@ -148,19 +168,19 @@ class DockerBackend:
             await self._api_client()
         except EngineUnavailableError as exc:
             get_logger(LOGGER).warning("engine_unavailable", error=str(exc))
-            return
-        removed = await self._call(self._sweep_orphans)
-        if removed:
-            get_logger(LOGGER).info("orphans_removed", count=removed)
 
     async def maintain(self) -> None:
-        """Runs until cancelled: the warm pool's refills, the janitor and the reaper, side by side."""
+        """Runs until cancelled: the warm pool's refills, the janitor and the reaper, side by side.
+
+        Upkeep never takes the server down: each part is restarted if it fails (an engine that went
+        away mid-removal, a bug), and while the engine is away the reaper keeps trying to reconnect.
+        """
         send, receive = anyio.create_memory_object_stream[_Box](math.inf)
         async with anyio.create_task_group() as tg:
             if self.pool is not None:
-                tg.start_soon(self.pool.run)
-            tg.start_soon(self._reap)
-            tg.start_soon(self._clean_up, receive)
+                tg.start_soon(_supervised, "pool", self.pool.run)
+            tg.start_soon(_supervised, "reaper", self._reap)
+            tg.start_soon(_supervised, "janitor", partial(self._clean_up, receive))
             self._janitor = send
             try:
                 await anyio.sleep_forever()
@@ -185,9 +205,16 @@ class DockerBackend:
 
     async def _reap(self) -> None:
         """Every interval, remove project containers past their deadline (a lost kill, a dead
-        server) with the same rules as the startup sweep."""
+        server) with the same rules as the startup sweep. While the engine is away, try to
+        reconnect every second instead; `_api_client` sweeps and refills once it is back."""
         while True:
-            await anyio.sleep(self._settings.reaper_interval_seconds)
+            if self._client is None:
+                await anyio.sleep(RECONNECT_INTERVAL_SECONDS)
+                with contextlib.suppress(SandboxError):
+                    await self._api_client()
+                continue
+            with anyio.move_on_after(self._settings.reaper_interval_seconds):
+                await self._lost.wait()
             if self._client is None:
                 continue
             try:
@@ -199,16 +226,29 @@ class DockerBackend:
                 get_logger(LOGGER).warning("reaper_removed", count=removed)
 
     async def aclose(self) -> None:
-        """Kill and remove every container this backend started (pool members too), concurrently."""
+        """Kill and remove every container this backend started (pool members too), concurrently.
+
+        With the engine away this cannot remove anything; the engine removes them itself once they
+        stop (auto-remove), and each one stops at its own deadline at the latest.
+        """
         with anyio.CancelScope(shield=True):
             if self.pool is not None:
                 await self.pool.aclose()
             async with anyio.create_task_group() as tg:
                 for cid in list(self._live):
-                    tg.start_soon(self._call, self._remove, cid)
-            if self._client is not None:
-                await self._call(self._client.close)
-                self._client = None
+                    tg.start_soon(self._remove_quietly, cid)
+            client, self._client = self._client, None
+            if client is not None:
+                with contextlib.suppress(SandboxError):
+                    await self._call(client.close)
+            self._waits.shutdown(wait=False, cancel_futures=True)
+
+    async def _remove_quietly(self, cid: str) -> None:
+        """Remove a container; an engine that is away is logged, never raised (see `aclose`)."""
+        try:
+            await self._call(self._remove, cid)
+        except SandboxError as exc:
+            get_logger(LOGGER).warning("sandbox_removal_failed", container_id=cid, error=str(exc))
 
     async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus:
         image = runtime.image(self._settings.image_prefix)
@@ -259,6 +299,12 @@ class DockerBackend:
             if usage.oom_kills and not evidence.oom_killed:
                 evidence = dataclasses.replace(evidence, oom_killed=True)  # the kernel's count is evidence too
             usage = _with_limit_hit(usage, evidence, job.limits.memory_mb * MIB)
+            if usage.memory_limit_hit and not evidence.oom_killed and _unordered_sigkill(evidence, collector):
+                # The engine removes a stopped container at once, and with it its OOM flag (and, on
+                # cgroup v1, its own OOM count): a SIGKILL that the host did not send, with memory at
+                # the limit, is the kernel's OOM killer.
+                evidence = dataclasses.replace(evidence, oom_killed=True)
+                usage = _with_limit_hit(usage, evidence, job.limits.memory_mb * MIB)
         return await build_result(job, collector, evidence, duration_ms, version, usage=usage)
 
     async def _version_of(self, runtime: RuntimeSpec) -> str:
@@ -271,8 +317,13 @@ class DockerBackend:
         return version
 
     async def _take_warm(self, job: Job) -> _Box | None:
-        """A pool member fitted to this job's limits, or None for a cold start."""
+        """A live pool member fitted to this job's limits, or None for a cold start."""
         box = None if self.pool is None else self.pool.take(job.runtime.name)
+        while box is not None and not _waiting_for_code(box):
+            # It died while idle (an engine restart, its deadline): never hand code to it.
+            get_logger(LOGGER).warning("pool_member_dead", container_id=box.cid)
+            await self._discard_soon(box)
+            box = None if self.pool is None else self.pool.take(job.runtime.name)
         if box is None or box.memory_mb == job.limits.memory_mb:
             return box
         try:  # the engine changes a running container's memory limit in place
@@ -293,10 +344,13 @@ class DockerBackend:
             # Fails closed: no egress sandbox starts unless its network and firewall rules are in place.
             self._egress = await self._call(ensure_egress, client)
         create = partial(self._create, client, runtime, limits, cgroup_parent=parent, lifetime=lifetime, label=label)
-        cid = await self._call(create)
+        cid, uid = await self._call(create)
         self._live.add(cid)
-        box = _Box(cid, None, runtime, limits.memory_mb, parent)
+        self._uids.add(uid)
+        box = _Box(cid, None, runtime, limits.memory_mb, parent, uid)
         try:
+            # Asked before the start, so that the answer cannot be lost to the engine's auto-remove.
+            box = dataclasses.replace(box, exited=self._waits.submit(_wait_for_exit, client, cid))
             sock = await self._call(client.api.attach_socket, cid, {"stdin": 1, "stdout": 1, "stderr": 1, "stream": 1})
             box = dataclasses.replace(box, sock=sock)
             await self._call(client.api.start, cid)
@@ -306,14 +360,24 @@ class DockerBackend:
         return box
 
     async def _discard(self, box: _Box) -> None:
-        """Hang up, remove the container (killing whatever runs in it), and its accounting cgroup."""
+        """Hang up, remove the container (killing whatever runs in it), and its accounting cgroup.
+
+        Never raises: it runs in upkeep and cleanup paths that must outlive an engine that went
+        away. A container it could not remove stops at its own deadline, and the engine then
+        removes it (auto-remove); a reconnecting server sweeps what is left.
+        """
         with anyio.CancelScope(shield=True):
             if box.sock is not None:
                 _shutdown(box.sock._sock)  # noqa: SLF001 - see _run
                 box.sock.close()
-            await self._call(self._remove, box.cid)
-            if self._accounting is not None and box.parent is not None:
-                await self._call(self._accounting.remove, box.parent)
+            try:
+                await self._call(self._remove, box.cid)
+                if self._accounting is not None and box.parent is not None:
+                    await self._call(self._accounting.remove, box.parent)
+            except SandboxError as exc:
+                get_logger(LOGGER).warning("sandbox_removal_failed", container_id=box.cid, error=str(exc))
+            finally:
+                self._uids.discard(box.uid)
 
     async def _prepare_warm(self, language: str) -> _Box:
         """A pool member: default limits, and a self-destruct that covers its idle age and any timeout."""
@@ -368,7 +432,7 @@ class DockerBackend:
             oom = await self._call(self._accounting.oom_kills, box.parent, box.cid)
             if oom is not None:
                 return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
-        state = await self._call(self._final_state, box.cid)
+        state = await self._call(self._final_state, box)
         evidence = Evidence(
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
@@ -388,11 +452,12 @@ class DockerBackend:
         cgroup_parent: str | None,
         lifetime: float,
         label: str,
-    ) -> str:
+    ) -> tuple[str, int]:
+        """Create the container; returns its id and the uid it runs as."""
         api = client.api
         now = time.time()
-        # The sandbox also kills itself shortly after its deadline, in case this server dies.
-        self_destruct = int(lifetime + self._settings.kill_grace_seconds)
+        # The sandbox also ends itself shortly after its deadline, in case this server dies.
+        self_destruct = math.ceil(lifetime + self._settings.kill_grace_seconds)
         labels = {
             MANAGED: "true",
             LABEL_EXECUTION: label,
@@ -410,10 +475,6 @@ class DockerBackend:
             cap_drop=["ALL"],
             security_opt=["no-new-privileges:true"],
             read_only=True,
-            tmpfs={
-                "/tmp": f"{scratch},mode=1777",  # noqa: S108 - inside the sandbox
-                WORKDIR: f"{scratch},uid=65534,gid=65534,mode=0700",
-            },
             shm_size=f"{limits.scratch_mb}m",
             mem_limit=limits.memory_mb * MIB,
             memswap_limit=limits.memory_mb * MIB,  # equal: no swap
@@ -424,33 +485,55 @@ class DockerBackend:
                 Ulimit(name="fsize", soft=limits.file_size_mb * MIB, hard=limits.file_size_mb * MIB),
                 Ulimit(name="core", soft=0, hard=0),
             ],
-            init=True,
+            # The guard is the init, not the engine's: an init of the engine's runs as the sandbox
+            # user too, and nothing would then enforce the deadline that the program cannot stop.
+            init=False,
+            # The engine removes the container once it stops, even when no server is left to do it.
+            auto_remove=True,
             ipc_mode="private",
+            # The sandbox sees its own cgroup as the root: no host cgroup path (on cgroup v1 the
+            # engine's default is the host's namespace, which shows it).
+            cgroupns="private",
             log_config=LogConfig(type="none"),
             oom_score_adj=500,
             runtime=self._settings.oci_runtime,
             cgroup_parent=cgroup_parent,
         )
-        try:
-            created = api.create_container(
-                image=runtime.image(self._settings.image_prefix),
-                command=[SECCOMP_GUARD, "timeout", "-s", "KILL", str(self_destruct), *runtime.command],
-                user=SANDBOX_USER,
-                stdin_open=True,
-                tty=False,
-                environment={},
-                working_dir=WORKDIR,
-                hostname="sandbox",
-                network_disabled=not egress,
-                labels=labels,
-                host_config=host_config,
-            )
-        except docker.errors.ImageNotFound as exc:
-            self._versions.pop(runtime.name, None)
-            raise RuntimeUnavailableError(
-                f"the {runtime.name} runtime image is missing; run `codomyrmex-sandbox runtimes build`."
-            ) from exc
-        return str(created["Id"])
+        for uid in self._uid_range.candidates(set(self._uids)):
+            # A uid of its own (see identity.py): the tmpfs it works in belongs to that uid alone.
+            host_config["Tmpfs"] = {
+                "/tmp": f"{scratch},mode=1777",  # noqa: S108 - inside the sandbox
+                WORKDIR: f"{scratch},uid={uid},gid={uid},mode=0700",
+            }
+            try:
+                created = api.create_container(
+                    image=runtime.image(self._settings.image_prefix),
+                    command=[SECCOMP_GUARD, "--deadline", str(self_destruct), *runtime.command],
+                    user=f"{uid}:{uid}",
+                    name=container_name(uid),
+                    stdin_open=True,
+                    tty=False,
+                    environment={},
+                    working_dir=WORKDIR,
+                    hostname="sandbox",
+                    network_disabled=not egress,
+                    labels=labels | {LABEL_UID: str(uid)},
+                    host_config=host_config,
+                )
+            except docker.errors.ImageNotFound as exc:
+                self._versions.pop(runtime.name, None)
+                raise RuntimeUnavailableError(
+                    f"the {runtime.name} runtime image is missing; run `codomyrmex-sandbox runtimes build`."
+                ) from exc
+            except docker.errors.APIError as exc:
+                if exc.status_code == CONFLICT:  # the name, so the uid, is in use by a live sandbox
+                    continue
+                raise
+            return str(created["Id"]), uid
+        raise BackendError(
+            f"no free sandbox uid after {MAX_ATTEMPTS} tries in the range of {self._settings.sandbox_uid_count} "
+            f"from {self._settings.sandbox_uid_base}; raise sandbox_uid_count."
+        )
 
     def _set_memory(self, cid: str, memory_mb: int) -> None:
         limit = memory_mb * MIB
@@ -463,10 +546,25 @@ class DockerBackend:
             if exc.status_code not in (404, 409):  # already gone, or already stopped
                 raise
 
-    def _final_state(self, cid: str) -> dict[str, Any]:
-        api = self._require_client().api
-        api.wait(cid, timeout=30)
-        state: dict[str, Any] = api.inspect_container(cid)["State"]
+    def _final_state(self, box: _Box) -> dict[str, Any]:
+        """How the container ended: its exit code, and the engine's OOM flag while it still has it.
+
+        The exit code comes from the wait asked before the start (the engine removes the container
+        as soon as it stops). The OOM flag is only known while the container is not yet removed;
+        `execute` also takes the kernel's OOM count and the memory peak as evidence.
+        """
+        if box.exited is None:
+            raise BackendError("the sandbox's exit was not being waited for; this is a bug, please report it.")
+        try:
+            answer = box.exited.result(timeout=FINAL_STATE_TIMEOUT_SECONDS)
+        except FutureTimeoutError as exc:
+            raise BackendError(
+                f"the engine did not report the sandbox's exit within {FINAL_STATE_TIMEOUT_SECONDS:g} s; "
+                "check the engine (`docker info`) and try again."
+            ) from exc
+        state: dict[str, Any] = {"ExitCode": answer.get("StatusCode"), "OOMKilled": False}
+        with contextlib.suppress(docker.errors.NotFound):
+            state["OOMKilled"] = bool(self._require_client().api.inspect_container(box.cid)["State"]["OOMKilled"])
         return state
 
     def _remove(self, cid: str) -> None:
@@ -496,13 +594,32 @@ class DockerBackend:
     # -- plumbing --------------------------------------------------------------------------
 
     async def _api_client(self) -> docker.DockerClient:
-        if self._client is None:
+        """The engine's client, connecting first if needed.
+
+        Each (re)connection removes what a dead server or the previous engine left (containers past
+        their deadline or whose server is gone, empty accounting cgroups), and restarts the warm
+        pool: members started before the engine went away are gone or unusable.
+        """
+        client = self._client
+        if client is not None:
+            return client
+        async with self._connecting:
+            if self._client is not None:
+                return self._client
             client = await self._call(connect, self._settings)
-            self._accounting = await self._call(_accounting_for, client)
+            accounting = await self._call(_accounting_for, client)
+            if accounting is not None:
+                await self._call(accounting.sweep)
+            self._accounting = accounting
             self._client = client
-            if self._accounting is not None:
-                await self._call(self._accounting.sweep)
-        return self._client
+            self._lost = anyio.Event()
+            get_logger(LOGGER).info("engine_connected")
+            removed = await self._call(self._sweep_orphans)
+            if removed:
+                get_logger(LOGGER).info("orphans_removed", count=removed)
+            if self.pool is not None:
+                await self.pool.restart()
+            return client
 
     def _require_client(self) -> docker.DockerClient:
         if self._client is None:
@@ -521,7 +638,10 @@ class DockerBackend:
         except docker.errors.ImageNotFound:
             raise
         except (requests.exceptions.ConnectionError, ConnectionError, FileNotFoundError) as exc:
+            if self._client is not None:
+                get_logger(LOGGER).warning("engine_lost", error=str(exc))
             self._client = None
+            self._lost.set()
             raise EngineUnavailableError(f"lost the Docker engine ({exc}); {FIX_ENGINE}.") from exc
         except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
             raise BackendError(f"the Docker engine failed: {exc}") from exc
@@ -554,6 +674,12 @@ def _with_limit_hit(usage: ResourceUsage, evidence: Evidence, limit_bytes: int) 
     return usage.model_copy(update=update) if update else usage
 
 
+def _unordered_sigkill(evidence: Evidence, collector: OutputCollector) -> bool:
+    """The program's process died of SIGKILL that no kill of the host explains."""
+    host_kill = evidence.timed_out or evidence.output_capped or evidence.cancelled
+    return not host_kill and evidence.exit_code == SIGKILL_EXIT and collector.reported_exit() is None
+
+
 def _is_orphan(labels: dict[str, str], host: str, now: float) -> bool:
     try:
         if float(labels.get(LABEL_EXPIRES, "0")) < now:
@@ -569,6 +695,39 @@ def _is_orphan(labels: dict[str, str], host: str, now: float) -> bool:
     except (PermissionError, ValueError, OverflowError):
         return False
     return False
+
+
+async def _supervised(part: str, run: Callable[[], Awaitable[None]]) -> None:
+    """Run one part of upkeep until cancelled, starting it again (after a pause) whenever it fails."""
+    while True:
+        try:
+            await run()
+        except Exception as exc:  # noqa: BLE001 - upkeep must never take the server down; it is logged
+            get_logger(LOGGER).exception("upkeep_failed", part=part, error=repr(exc)[:500])
+        else:
+            return
+        await anyio.sleep(RECONNECT_INTERVAL_SECONDS)
+
+
+def _wait_for_exit(client: docker.DockerClient, cid: str) -> dict[str, Any]:
+    """Worker thread: block until the container next stops (or is removed); the engine's answer."""
+    return dict(client.api.wait(cid, timeout=None, condition="next-exit"))
+
+
+def _waiting_for_code(box: _Box) -> bool:
+    """Whether an idle pool member is still alive and silent, as a runner waiting for code is.
+
+    Its attach stream must have nothing to read: an end of stream (the sandbox or the engine went
+    away) or any output before the code was sent means it cannot be used.
+    """
+    if box.exited is not None and box.exited.done():
+        return False
+    raw: socket.socket = box.sock._sock  # noqa: SLF001 - see DockerBackend._run
+    try:
+        readable, _, _ = select.select([raw], [], [], 0)
+    except (OSError, ValueError):
+        return False
+    return not readable
 
 
 def _read_frames(sock: Any, send: MemoryObjectSendStream[tuple[StreamName, bytes]]) -> None:  # noqa: ANN401

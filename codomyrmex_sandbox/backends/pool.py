@@ -48,6 +48,7 @@ class WarmPool(Generic[M]):
         self._destroy = destroy
         self._idle: dict[str, deque[_Idle[M]]] = {language: deque() for language in self.sizes}
         self._wake = {language: anyio.Event() for language in self.sizes}
+        self._retry = anyio.Event()  # set by `restart`: refills that back off try again at once
         self._closed = False
         self.taken = 0
         self.missed = 0
@@ -94,7 +95,11 @@ class WarmPool(Generic[M]):
                     get_logger(LOGGER).warning(
                         "pool_refill_failed", language=language, error=str(exc), retry_in=backoff
                     )
-                    await anyio.sleep(backoff)
+                    retry = self._retry
+                    with anyio.move_on_after(backoff):
+                        await retry.wait()
+                    if retry.is_set():
+                        backoff = 0.0
                     continue
                 backoff = 0.0
                 if self._closed:
@@ -112,6 +117,16 @@ class WarmPool(Generic[M]):
         now = time.monotonic()
         while queue and now - queue[0].born >= self.max_age:
             await self._destroy(queue.popleft().member)
+
+    async def restart(self) -> None:
+        """Destroy every idle member and refill at once, without back-off (the engine came back:
+        members started before are gone or unusable)."""
+        retry, self._retry = self._retry, anyio.Event()
+        retry.set()
+        for language, queue in self._idle.items():
+            while queue:
+                await self._destroy(queue.popleft().member)
+            self._wake[language].set()
 
     async def aclose(self) -> None:
         """Destroy every idle member, concurrently; members already taken belong to their executions."""

@@ -10,6 +10,7 @@ import anyio
 import pytest
 
 from codomyrmex_sandbox import Sandbox
+from tests.support import SANDBOX_UIDS
 
 pytestmark = pytest.mark.docker
 
@@ -66,12 +67,14 @@ async def test_the_only_network_interface_is_loopback(sandbox: Sandbox):
     assert interfaces == ["lo"]
 
 
-async def test_the_program_runs_as_nobody_with_no_capabilities_and_no_new_privileges(sandbox: Sandbox):
+async def test_the_program_runs_as_a_uid_of_its_own_with_no_capabilities_and_no_new_privileges(sandbox: Sandbox):
     code = "import os\nprint(os.getuid(), os.geteuid(), os.getgid())\nprint(open('/proc/self/status').read())"
     result = await sandbox.execute(code, timeout_seconds=QUICK)
 
     ids, _, status = result.stdout.partition("\n")
-    assert ids == "65534 65534 65534"
+    uid, euid, gid = (int(word) for word in ids.split())
+    assert uid == euid == gid
+    assert uid in SANDBOX_UIDS
     fields = dict(re.findall(r"^(\w+):\s*(.*)$", status, flags=re.MULTILINE))
     for capability_set in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
         assert int(fields[capability_set], 16) == 0, f"{capability_set} is {fields[capability_set]}"

@@ -51,6 +51,7 @@ from mcp_types import CallToolResult
 
 from codomyrmex_sandbox import Settings
 from tests.support import (
+    SANDBOX_UIDS,
     TOOL,
     OwnedSandboxes,
     checked_engine,
@@ -70,7 +71,8 @@ CANARIES: list[str] = []
 # Owner pids of the servers that are running now; `host_is_clean` checks their containers.
 ACTIVE_SERVERS: set[int] = set()
 _CONTAINER_ID = re.compile(r"(?:/|docker-)([0-9a-f]{64})(?:\.scope)?(?:/|$)", re.MULTILINE)
-# The three processes of a sandbox that waits for code: docker-init, the timeout wrapper, the runner.
+# The two processes of a sandbox that waits for code: the seccomp guard as its init, and the runner.
+_IDLE_PROCESSES = ("seccomp-guard", "runner")
 _IDLE_MARK = "/opt/codomyrmex/runner."
 
 
@@ -196,6 +198,15 @@ class Engine(OwnedSandboxes):
                 pytest.fail(f"no sandbox of server {owner} ran {needle!r} within {within} s")
             await anyio.sleep(0.01)
 
+    async def wait_for_warm_pool(self, owner: int, *, within: float = 20.0) -> float:
+        """Seconds until ``owner`` holds a sandbox of every runtime (its warm pool has filled)."""
+        start = time.monotonic()
+        while len({c["Image"] for c in await anyio.to_thread.run_sync(partial(self.containers, owners={owner}))}) < 3:
+            if time.monotonic() - start > within:
+                pytest.fail(f"server {owner} never held a warm sandbox of every runtime within {within} s")
+            await anyio.sleep(0.05)
+        return time.monotonic() - start
+
     async def wait_until_no_process(self, needle: str, *, within: float = 10.0) -> float:
         """Seconds until no process on the whole host has ``needle`` in its command line."""
         start = time.monotonic()
@@ -220,13 +231,14 @@ class Engine(OwnedSandboxes):
             await anyio.sleep(0.02)
 
     def orphan_processes(self) -> list[HostProcess]:
-        """Sandbox processes that outlived their container, and processes of uid 65534 outside any container."""
+        """Sandbox processes that outlived their container, and processes of a sandbox uid outside any container."""
         processes = host_processes()
         existing = self.all_container_ids()
         return [
             p
             for p in processes
-            if (p.container is not None and p.container not in existing) or (p.container is None and p.uid == 65534)
+            if (p.container is not None and p.container not in existing)
+            or (p.container is None and p.uid in SANDBOX_UIDS)
         ]
 
     def busy_sandboxes(self, owner: int) -> list[str]:
@@ -243,7 +255,7 @@ class Engine(OwnedSandboxes):
                 problems.append(f"{cid[:12]} is {state}")
                 continue
             busy = [p.cmdline for p in processes if _IDLE_MARK not in p.cmdline]
-            if busy or len(processes) != 3:
+            if busy or len(processes) != len(_IDLE_PROCESSES):
                 problems.append(f"{cid[:12]} runs {[p.cmdline for p in processes]}")
         return problems
 

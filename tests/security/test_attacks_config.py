@@ -30,6 +30,7 @@ def check_hardened(info: dict, server_pid: int, memory_mb: int) -> list[str]:
     """Every hardening setting of one sandbox container, as the engine recorded it; the deviations."""
     host, config = info["HostConfig"], info["Config"]
     labels = config.get("Labels") or {}
+    uid = labels.get(LABEL + "uid", "")
     expected = {
         "NetworkMode": (host["NetworkMode"], "none"),
         "CapDrop": (host.get("CapDrop"), ["ALL"]),
@@ -41,12 +42,20 @@ def check_hardened(info: dict, server_pid: int, memory_mb: int) -> list[str]:
         "seccomp not unconfined": ("seccomp=unconfined" in (host.get("SecurityOpt") or []), False),
         "ReadonlyRootfs": (host["ReadonlyRootfs"], True),
         "Privileged": (host["Privileged"], False),
-        "User": (config["User"], "65534:65534"),
+        # A uid of its own, from the sandbox range, never root or the host's nobody (see identity.py).
+        "User": (config["User"], f"{uid}:{uid}"),
+        "uid in the sandbox range": (uid.isdigit() and 1_000_000_000 <= int(uid) < 1_001_000_000, True),
+        "Name": (info["Name"], f"/codomyrmex-sandbox-u{uid}"),
         "Memory": (host["Memory"], memory_mb * MIB),
         "MemorySwap": (host["MemorySwap"], memory_mb * MIB),
         "PidsLimit": (host["PidsLimit"], 128),
         "NanoCpus": (host["NanoCpus"], 1_000_000_000),
-        "Init": (host["Init"], True),
+        # The seccomp guard is the init (PID 1) and enforces the deadline; the engine removes the
+        # container once it stops, server or no server.
+        "Init": (bool(host.get("Init")), False),
+        "AutoRemove": (host.get("AutoRemove"), True),
+        "deadline": (config["Cmd"][1:3], ["--deadline", config["Cmd"][2]]),
+        "deadline is a number": (config["Cmd"][2].isdigit(), True),
         "Binds": (host.get("Binds") or [], []),
         "HostConfig.Mounts": (host.get("Mounts") or [], []),
         "Mounts": (info.get("Mounts") or [], []),
@@ -57,6 +66,7 @@ def check_hardened(info: dict, server_pid: int, memory_mb: int) -> list[str]:
         "PublishAllPorts": (host.get("PublishAllPorts"), False),
         "PidMode": (host.get("PidMode") or "", ""),
         "IpcMode": (host.get("IpcMode"), "private"),
+        "CgroupnsMode": (host.get("CgroupnsMode"), "private"),
         "UTSMode": (host.get("UTSMode") or "", ""),
         "UsernsMode": (host.get("UsernsMode") or "", ""),
         "OomKillDisable": (bool(host.get("OomKillDisable")), False),
@@ -90,16 +100,15 @@ def check_hardened(info: dict, server_pid: int, memory_mb: int) -> list[str]:
         for option in ("nosuid", "nodev", "size=64m"):
             if option not in options.split(","):
                 problems.append(f"Tmpfs {target} lacks {option}: {options}")
+    if f"uid={uid}" not in (tmpfs.get("/sandbox") or "").split(","):
+        problems.append(f"Tmpfs /sandbox is not owned by the sandbox's uid {uid}: {tmpfs.get('/sandbox')}")
     return problems
 
 
 async def test_docker_inspect_shows_every_hardening_setting_on_every_sandbox_of_the_server(server, engine, measure):
     """CFG-01"""
     gate = "sleep 20.0101"
-    deadline = time.monotonic() + 20
-    while len({c["Image"] for c in engine.containers(owners={server.pid})}) < 3:  # the warm pool is filling
-        assert time.monotonic() < deadline, "the warm pool never held a sandbox of every runtime"
-        await anyio.sleep(0.05)
+    await engine.wait_for_warm_pool(server.pid)
     async with anyio.create_task_group() as tg:
         results: dict[str, dict] = {}
 
@@ -122,6 +131,8 @@ async def test_docker_inspect_shows_every_hardening_setting_on_every_sandbox_of_
         assert problems == [], f"sandbox {cid[:12]} ({info['Config']['Image']}) deviates: {problems}"
     images = {info["Config"]["Image"] for info in infos.values()}
     assert len(images) >= 3, f"every runtime's pool members should be checked, saw {images}"
+    users = [info["Config"]["User"] for info in infos.values()]
+    assert len(set(users)) == len(users), f"two live sandboxes share a uid: {users}"
 
 
 def listening_sockets_of(pid: int) -> set[str]:

@@ -95,7 +95,13 @@ print(json.dumps(out))
 async def test_no_descriptor_leaks_into_the_sandbox_from_the_engine_or_the_server(server, language):
     """FS-03"""
     # Every descriptor of every process in the sandbox, as "pid fd target" lines.
-    listing = "for p in /proc/[0-9]*; do for f in $p/fd/*; do echo ${p#/proc/} ${f##*/} $(readlink $f); done; done"
+    # The init (PID 1) is not dumpable: its descriptors cannot be listed from inside at all, which
+    # the listing checks; test_redteam1_vsock_and_deadline.py reads them from the host.
+    listing = (
+        "for p in /proc/[0-9]*; do [ $p = /proc/1 ] && continue; "
+        "for f in $p/fd/*; do echo ${p#/proc/} ${f##*/} $(readlink $f); done; done; "
+        "if ls /proc/1/fd >/dev/null 2>&1; then echo init fds readable; else echo init fds unreadable; fi"
+    )
     code = {
         "python": f"import subprocess\nprint(subprocess.run(['bash', '-c', {listing!r}], capture_output=True, "
         "text=True).stdout, end='')\nimport os\nprint('self', sorted(int(fd) for fd in os.listdir('/proc/self/fd')))",
@@ -111,6 +117,8 @@ async def test_no_descriptor_leaks_into_the_sandbox_from_the_engine_or_the_serve
         if line.startswith("self"):
             assert line == "self [0, 1, 2, 3]", line  # the program's own: stdio and the listing
             continue
+        if line.startswith("init fds"):
+            continue
         parts = line.split(" ", 2)
         target = parts[2] if len(parts) == 3 else ""
         harmless = target.startswith(("pipe:", "socket:", "anon_inode:", "/dev/null", "/proc/", "/opt/codomyrmex/"))
@@ -118,8 +126,9 @@ async def test_no_descriptor_leaks_into_the_sandbox_from_the_engine_or_the_serve
         if not harmless:
             suspicious.append(line)
     assert suspicious == [], f"descriptors that point outside the sandbox's own files: {suspicious}"
-    init_fds = sorted(line.split()[1] for line in result["stdout"].splitlines() if line.startswith("1 "))
-    assert init_fds == ["0", "1", "2"], f"the sandbox's init holds more than stdio: {init_fds}"
+    # The init (the seccomp guard) is not dumpable: its descriptors cannot even be listed from inside
+    # (test_redteam1_vsock_and_deadline.py checks them from the host: /dev/null and its own stderr).
+    assert "init fds unreadable" in result["stdout"].splitlines(), "the sandbox's init exposes its descriptors"
 
 
 async def test_system_paths_and_the_interpreter_cannot_be_written(server):
@@ -133,8 +142,8 @@ attempts = {
     "write os.py": lambda: open(os.__file__, "a"),
     "write the runner": lambda: open("/opt/codomyrmex/runner.py", "a"),
     "write the seccomp guard": lambda: os.open("/opt/codomyrmex/seccomp-guard", os.O_WRONLY),
-    "write docker-init": lambda: os.open("/usr/sbin/docker-init", os.O_WRONLY),
     "write /bin/sh": lambda: os.open("/bin/sh", os.O_WRONLY),
+    "write /etc/shadow": lambda: os.open("/etc/shadow", os.O_WRONLY),
     "chmod /etc/passwd": lambda: os.chmod("/etc/passwd", 0o666),
     "chown /tmp": lambda: os.chown("/tmp", 65534, 65534),
     "rename /etc/hosts": lambda: os.rename("/etc/hostname", "/etc/hostname.bak"),
@@ -174,14 +183,14 @@ for place in {places!r}:
         print(place, "written")
     except OSError as exc:
         print(place, "refused", exc.errno)
-print("container", open("/proc/self/cgroup").read().splitlines()[0].rsplit("/", 1)[-1])
+print("container", [l.split()[3] for l in open("/proc/self/mountinfo") if " /etc/hostname " in l][0])
 """
     look = f"""
 import os
 found = [os.path.join(d, f) for root in ("/tmp", "/dev/shm", "/sandbox", "/dev/mqueue")
          for d, _, files in os.walk(root) for f in files if {marker!r} in f]
 print("found", found)
-print("container", open("/proc/self/cgroup").read().splitlines()[0].rsplit("/", 1)[-1])
+print("container", [l.split()[3] for l in open("/proc/self/mountinfo") if " /etc/hostname " in l][0])
 """
     first = await server.run(write, **LIMITS)
     second = await server.run(look, **LIMITS)

@@ -11,6 +11,8 @@ import json
 import anyio
 import pytest
 
+from tests.support import SANDBOX_UIDS
+
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("host_is_clean")]
 
 T = 5
@@ -19,7 +21,7 @@ IMAGE_ENV = {"PATH", "HOSTNAME", "LANG", "HOME"}
 PYTHON_ENV = IMAGE_ENV | {"MPLBACKEND", "MPLCONFIGDIR", "PYTHONDONTWRITEBYTECODE"}
 NODE_ENV = IMAGE_ENV | {"NODE_ENV"}
 SHELL_ENV = {"PWD", "OLDPWD", "SHLVL", "_"}  # what bash itself adds
-SANDBOX_COMMANDS = ("/sbin/docker-init", "timeout ", "python3 ", "node ", "bash ")
+SANDBOX_COMMANDS = ("/opt/codomyrmex/seccomp-guard --deadline ", "python3 ", "node ", "bash ")
 
 
 @pytest.mark.parametrize(("language", "allowed"), [("python", PYTHON_ENV), ("bash", IMAGE_ENV | SHELL_ENV)])
@@ -59,7 +61,7 @@ print(json.dumps(out))
 
     assert result["status"] == "success", result
     processes = json.loads(result["stdout"])
-    assert 3 <= len(processes) <= 5, processes  # init, timeout, the runtime
+    assert 2 <= len(processes) <= 4, processes  # the guard as init, the runtime, what it started
     for pid, entry in processes.items():
         assert entry["cmdline"].startswith(SANDBOX_COMMANDS), (pid, entry["cmdline"])
         names = {item.split("=", 1)[0] for item in entry["environ"].split()}
@@ -108,7 +110,7 @@ print(json.dumps({"mounts": mounts, "cgroup": open("/proc/self/cgroup").read(), 
     assert result["status"] == "success", result
     found = json.loads(result["stdout"])
     virtual = {"overlay", "proc", "tmpfs", "devpts", "sysfs", "cgroup", "cgroup2", "mqueue"}
-    engine_files = {"/usr/sbin/docker-init", "/etc/hostname", "/etc/hosts", "/etc/resolv.conf"}
+    engine_files = {"/etc/hostname", "/etc/hosts", "/etc/resolv.conf"}  # no engine init: the guard is PID 1
     writable = {"/tmp", "/sandbox", "/dev/shm", "/dev", "/dev/pts", "/dev/mqueue", "/proc", "/sys/fs/cgroup"}  # noqa: S108
     writable |= {"/proc/keys", "/proc/timer_list"}  # masked with /dev/null by the engine
     for mount in found["mounts"]:
@@ -117,14 +119,17 @@ print(json.dumps({"mounts": mounts, "cgroup": open("/proc/self/cgroup").read(), 
             # A host filesystem: only the engine's own read-only files for this container.
             assert target in engine_files, f"a host filesystem is mounted at {target}: {mount}"
             assert mount["options"].split(",")[0] == "ro", mount
-            assert mount["root"] in {"/usr/bin/tini-static", "/usr/bin/docker-init"} or "/containers/" in mount["root"]
+            assert "/containers/" in mount["root"], mount
         if mount["options"].split(",")[0] == "rw":
             assert target in writable, f"a writable mount at {target}: {mount}"
     root = next(m for m in found["mounts"] if m["target"] == "/")
     assert root["options"].split(",")[0] == "ro"
     assert "nameserver" not in found["resolv"]
+    # A cgroup namespace of its own: the sandbox's cgroup is its root, and no host cgroup path shows
+    # (red-team round 1, finding 7). The host side of it: CFG-01 and the host's process table,
+    # where every sandbox process sits in its container's cgroup.
     for line in found["cgroup"].splitlines():
-        assert line.split(":", 2)[2] != "/", f"the sandbox sits in the host's root cgroup: {line}"
+        assert line.split(":", 2)[2] == "/", f"the sandbox sees a host cgroup path: {line}"
 
 
 async def test_the_process_list_shows_no_host_process(server, engine):
@@ -138,7 +143,7 @@ print(json.dumps({p: open("/proc/%s/cmdline" % p, "rb").read().replace(b"\\0", b
 
     assert result["status"] == "success", result
     processes = json.loads(result["stdout"])
-    assert 3 <= len(processes) <= 5, processes
+    assert 2 <= len(processes) <= 4, processes
     for pid, cmdline in processes.items():
         assert cmdline.startswith(SANDBOX_COMMANDS), (pid, cmdline)
         for host_word in ("pytest", "codomyrmex-sandbox serve", "dockerd", "containerd", "sshd", "systemd"):
@@ -297,11 +302,15 @@ async def test_javascript_environment_and_child_processes_hold_only_the_sandboxs
 const cp = require('child_process');
 const os = require('os');
 const child = cp.execSync('env').toString().split('\\n').filter(Boolean).map((l) => l.split('=')[0]);
-const init = require('fs').readFileSync('/proc/1/environ', 'utf8').split('\\0').filter(Boolean)
-  .map((l) => l.split('=')[0]);
+let init;
+try {
+  init = require('fs').readFileSync('/proc/1/environ', 'utf8').split('\\0').filter(Boolean).map((l) => l.split('=')[0]);
+} catch (error) {
+  init = error.code;  // the init is not dumpable: its environment is not readable from inside
+}
 console.log(JSON.stringify({
   env: Object.keys(process.env), child, init, argv: process.argv, execArgv: process.execArgv,
-  user: os.userInfo().username, uid: process.getuid(), hostname: os.hostname(),
+  uid: process.getuid(), hostname: os.hostname(),
 }));
 """
     result = await server.run(code, language="javascript", **LIMITS)
@@ -310,8 +319,8 @@ console.log(JSON.stringify({
     out = json.loads(result["stdout"])
     assert set(out["env"]) <= NODE_ENV, sorted(set(out["env"]) - NODE_ENV)
     assert set(out["child"]) <= NODE_ENV | SHELL_ENV, sorted(set(out["child"]) - NODE_ENV - SHELL_ENV)
-    assert set(out["init"]) <= NODE_ENV, sorted(set(out["init"]) - NODE_ENV)
+    assert out["init"] == "EACCES", out["init"]
     assert out["execArgv"] == []
-    assert out["uid"] == 65534
+    assert out["uid"] in SANDBOX_UIDS
     assert out["hostname"] == "sandbox"
     assert "CANARY_SECRET" not in result["stdout"]
