@@ -18,6 +18,7 @@ from codomyrmex_sandbox.backends.base import Backend, Job, RuntimeStatus
 from codomyrmex_sandbox.backends.fake import FakeBackend, FakeRun
 from codomyrmex_sandbox.errors import (
     BackendError,
+    ConfigurationError,
     EngineUnavailableError,
     InvalidRequestError,
     LimitAboveCapError,
@@ -33,6 +34,7 @@ from codomyrmex_sandbox.settings import Settings
 __all__ = [
     "Backend",
     "BackendError",
+    "ConfigurationError",
     "EngineUnavailableError",
     "ExecutionRequest",
     "ExecutionResult",

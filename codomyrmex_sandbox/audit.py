@@ -1,5 +1,20 @@
 """The audit trail: a start record and an end record for every execution and every denial.
 
+Every call goes through one path: `AuditLog.execution` opens an `ExecutionAudit` around the whole
+call, which writes the start record when the call is admitted (``started``) and exactly one end
+record, however the call ends. Each way to end is an `Outcome`, and the end record's ``status``
+says which:
+
+    the call ...                                            outcome     status
+    returned a result (the program ran, whatever its end)   FINISHED    the result's status
+    was refused: invalid arguments, a limit above the cap,  DENIED      "denied"
+      an unknown language, the payload rules
+    found no execution slot (queue full, wait over)         BUSY        "busy"
+    was cancelled while queued (no start record), or        CANCELLED   "cancelled"
+      while running (the sandbox was killed)
+    failed in the engine or the runtime, or ended without   NOT_RUN     "not_run"
+      a result for any other reason
+
 Each record is a structlog event on stderr (``audit.execution_started``, ``audit.execution``) and,
 when ``audit_log_path`` is set, one JSON line appended to that file. The start record is written
 before any sandbox exists, so a crash between start and end still leaves a trace. Records carry a
@@ -18,13 +33,17 @@ import hashlib
 import json
 import os
 import threading
+import uuid
 from datetime import UTC, datetime
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
 from codomyrmex_sandbox.backends.base import Job
+from codomyrmex_sandbox.errors import InvalidRequestError, ServerBusyError
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, Limits
+from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult
 
 AUDIT_LOGGER = "codomyrmex_sandbox.audit"
 SCHEMA_VERSION = 1
@@ -38,6 +57,29 @@ def requested_limits(request: ExecutionRequest | None) -> dict[str, Any]:
     if request is None:
         return {}
     return {"timeout_seconds": request.timeout_seconds, "memory_mb": request.memory_mb}
+
+
+class Outcome(StrEnum):
+    """How one call ended; the end record's ``status`` is the value (FINISHED: the result's status)."""
+
+    FINISHED = "finished"
+    DENIED = "denied"
+    BUSY = "busy"
+    CANCELLED = "cancelled"
+    NOT_RUN = "not_run"
+
+
+def outcome_of(error: BaseException | None) -> Outcome:
+    """The outcome of a call that ended without a result, by what ended it."""
+    if isinstance(error, InvalidRequestError):
+        return Outcome.DENIED
+    if isinstance(error, ServerBusyError):
+        return Outcome.BUSY
+    if error is not None and not isinstance(error, Exception):
+        # The caller's cancellation (asyncio's and trio's are BaseExceptions), or the process being
+        # interrupted (KeyboardInterrupt, SystemExit): the call was stopped from outside.
+        return Outcome.CANCELLED
+    return Outcome.NOT_RUN
 
 
 class AuditLog:
@@ -65,61 +107,12 @@ class AuditLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def started(self, job: Job, request: ExecutionRequest, client: str | None) -> None:
-        self._write(
-            "audit.execution_started",
-            execution_id=job.execution_id,
-            client=client,
-            language=request.language,
-            code_sha256=code_digest(job.code),
-            code_bytes=len(job.code),
-            stdin_bytes=None if job.stdin is None else len(job.stdin),
-            requested=requested_limits(request),
-            limits=job.limits.model_dump(),
-        )
+    def execution(self, language: str, client: str | None) -> ExecutionAudit:
+        """The audit trail of one new call, under a fresh execution id; use it as a context manager."""
+        return ExecutionAudit(self, uuid.uuid4().hex, language[:40], client)
 
-    def finished(self, result: ExecutionResult, request: ExecutionRequest, limits: Limits, client: str | None) -> None:
-        self._write(
-            "audit.execution",
-            execution_id=result.execution_id,
-            client=client,
-            language=result.language,
-            runtime=result.runtime,
-            requested=requested_limits(request),
-            limits=limits.model_dump(),
-            status=result.status.value,
-            exit_code=result.exit_code,
-            signal=result.signal,
-            duration_ms=result.duration_ms,
-            usage=None if result.usage is None else result.usage.model_dump(),
-            stdout_bytes=len(result.stdout.encode("utf-8", "replace")),
-            stderr_bytes=len(result.stderr.encode("utf-8", "replace")),
-            stdout_truncated=result.stdout_truncated,
-            stderr_truncated=result.stderr_truncated,
-        )
-
-    def ended_without_result(
-        self,
-        execution_id: str,
-        language: str,
-        status: str,
-        client: str | None,
-        *,
-        request: ExecutionRequest | None = None,
-        reason: str | None = None,
-    ) -> None:
-        """A denial (``denied``, ``busy``), an engine failure (``not_run``), or a ``cancelled`` call."""
-        self._write(
-            "audit.execution",
-            execution_id=execution_id,
-            client=client,
-            language=language,
-            requested=requested_limits(request),
-            status=status,
-            reason=reason,
-        )
-
-    def _write(self, event: str, **fields: Any) -> None:  # noqa: ANN401
+    def write(self, event: str, **fields: Any) -> None:  # noqa: ANN401
+        """Write one record. The service writes only through `execution`, which keeps the schema's records."""
         get_logger(AUDIT_LOGGER).info(event, **fields)
         if self._fd is None:
             return
@@ -135,6 +128,99 @@ class AuditLog:
                 written = os.write(self._fd, line)
                 while written < len(line):  # a short write (a full disk, a signal): finish the record
                     written += os.write(self._fd, line[written:])
+
+
+class ExecutionAudit:
+    """One call's audit trail: a start record once admitted, and exactly one end record, whatever happens.
+
+    Enter it before anything about the call is checked; ``requested`` names the validated request,
+    ``started`` writes the start record, ``finished`` the end record of a result. Leaving the block
+    without a result writes the end record of the `Outcome` that the exception (or its absence) maps to.
+    """
+
+    def __init__(self, log: AuditLog, execution_id: str, language: str, client: str | None) -> None:
+        self.execution_id = execution_id
+        self.language = language  # a request's, at most 40 characters, or "python" when it names none
+        self.outcome: Outcome | None = None
+        self._log = log
+        self._client = client
+        self._request: ExecutionRequest | None = None
+        self._job: Job | None = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.outcome is None:
+            self._ended(outcome_of(exc), exc)
+
+    def requested(self, request: ExecutionRequest) -> None:
+        """The call's arguments are a valid request; what the records say it asked for."""
+        self._request = request
+        self.language = request.language[:40]
+
+    def started(self, job: Job) -> None:
+        """The call was admitted and is about to reach the backend: the start record."""
+        self._job = job
+        self._log.write(
+            "audit.execution_started",
+            execution_id=job.execution_id,
+            client=self._client,
+            language=self._request.language if self._request is not None else self.language,
+            code_sha256=code_digest(job.code),
+            code_bytes=len(job.code),
+            stdin_bytes=None if job.stdin is None else len(job.stdin),
+            requested=requested_limits(self._request),
+            limits=job.limits.model_dump(),
+        )
+
+    def finished(self, result: ExecutionResult) -> None:
+        """The program ran and ended: the end record carries its result."""
+        if self._job is None:
+            msg = "finished() before started(): a result needs a started execution"
+            raise RuntimeError(msg)
+        self.outcome = Outcome.FINISHED
+        self._log.write(
+            "audit.execution",
+            execution_id=result.execution_id,
+            client=self._client,
+            language=result.language,
+            runtime=result.runtime,
+            requested=requested_limits(self._request),
+            limits=self._job.limits.model_dump(),
+            status=result.status.value,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            duration_ms=result.duration_ms,
+            usage=None if result.usage is None else result.usage.model_dump(),
+            stdout_bytes=len(result.stdout.encode("utf-8", "replace")),
+            stderr_bytes=len(result.stderr.encode("utf-8", "replace")),
+            stdout_truncated=result.stdout_truncated,
+            stderr_truncated=result.stderr_truncated,
+        )
+
+    def _ended(self, outcome: Outcome, error: BaseException | None) -> None:
+        self.outcome = outcome
+        if outcome is Outcome.CANCELLED:
+            reason = None
+        elif error is None:
+            reason = "the call ended without a result"
+        else:
+            reason = str(error)
+        self._log.write(
+            "audit.execution",
+            execution_id=self.execution_id,
+            client=self._client,
+            language=self.language,
+            requested=requested_limits(self._request),
+            status=outcome.value,
+            reason=reason,
+        )
 
 
 _TAIL_BLOCK = 65_536

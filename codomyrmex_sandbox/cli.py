@@ -114,7 +114,7 @@ async def _serve(settings: Settings) -> bool:
     Either way the calls in flight are cancelled (their sandboxes killed, their audit records
     finished as cancelled) and the Sandbox closes, removing every container, before this returns.
     """
-    from codomyrmex_sandbox.server import serve_stdio  # noqa: PLC0415 - the MCP SDK loads only to serve
+    from codomyrmex_sandbox.stdio import serve_stdio  # noqa: PLC0415 - the MCP SDK loads only to serve
 
     signalled = False
     async with Sandbox(settings) as sandbox, anyio.create_task_group() as tg:
@@ -183,7 +183,7 @@ def exit_status(result: ExecutionResult) -> int:
 
 
 def _runtimes(settings: Settings, args: argparse.Namespace) -> int:
-    from codomyrmex_sandbox.images import build_runtimes  # noqa: PLC0415 - only this command needs it
+    from codomyrmex_sandbox.backends.docker.images import build_runtimes  # noqa: PLC0415 - only this command needs it
 
     runtimes = load_runtimes(settings.runtimes_dir, args.languages or settings.languages)
 

@@ -48,19 +48,28 @@ async def doctor(settings: Settings, out: TextIO) -> int:
 
 
 async def _check_runtimes(settings: Settings, line: Callable[[str], None]) -> list[str]:
+    """Ask the backend about each runtime, without opening it.
+
+    The Sandbox is built but never entered: entering opens the backend, which takes charge of the
+    engine (it sweeps containers left behind) and starts its upkeep (the warm pool, the reaper). A
+    health check must create and remove nothing, so only the backend's `runtime_status` is asked.
+    """
     try:
         sandbox = Sandbox(settings)
     except SandboxError as exc:
         line(f"runtimes: FAIL {exc}")
         return [str(exc)]
     problems = []
-    async with sandbox:
-        line("runtimes:")
-        for status in await sandbox.runtime_status():
-            mark = "ok  " if status.ready else "FAIL"
-            line(f"  {mark} {status.name}: {status.version or '-'} ({status.detail})")
-            if not status.ready:
-                problems.append(f"runtime {status.name} is not ready; fix: {FIX_IMAGES}")
+    try:
+        statuses = [await sandbox.backend.runtime_status(spec) for spec in sandbox.runtimes.values()]
+    finally:
+        await sandbox.backend.aclose()
+    line("runtimes:")
+    for status in statuses:
+        mark = "ok  " if status.ready else "FAIL"
+        line(f"  {mark} {status.name}: {status.version or '-'} ({status.detail})")
+        if not status.ready:
+            problems.append(f"runtime {status.name} is not ready; fix: {FIX_IMAGES}")
     return problems
 
 
@@ -82,7 +91,7 @@ def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
     from codomyrmex_sandbox.backends.docker import connect  # noqa: PLC0415 - docker-py only when needed
 
     try:
-        client = connect(settings)
+        engine = connect(settings)
     except SandboxError as exc:
         line(f"  engine: FAIL {exc}")
         fix = (
@@ -90,10 +99,10 @@ def _check_engine(settings: Settings, line: Callable[[str], None]) -> list[str]:
         )
         return [f"the Docker engine is not reachable; fix: {fix}"]
     try:
-        info = client.info()
-        version = client.version()
+        info = engine.info()
+        version = engine.version()
     finally:
-        client.close()
+        engine.close()
     runtimes = sorted((info.get("Runtimes") or {}).keys())
     line(f"  engine: ok  Docker {version.get('Version')} (API {version.get('ApiVersion')})")
     line(f"  kernel {info.get('KernelVersion')}, cgroup v{info.get('CgroupVersion', '?')}, {info.get('Driver')}")

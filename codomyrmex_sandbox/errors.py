@@ -7,6 +7,7 @@ requests, the OS) are translated at the backend boundary, so callers never catch
     ├── InvalidRequestError          the arguments are wrong (empty language, NUL in code, ...)
     │   ├── LimitAboveCapError       a per-call limit asks for more than the operator allows
     │   └── UnknownLanguageError     no such runtime is enabled on this server
+    ├── ConfigurationError           the settings or a runtime recipe are wrong: fix the configuration
     ├── RuntimeUnavailableError      the runtime's image is missing or stale: build it
     ├── EngineUnavailableError       the isolation engine cannot be reached
     ├── ServerBusyError              too many executions at once: retry later
@@ -52,6 +53,10 @@ class UnknownLanguageError(InvalidRequestError):
         self.available = available
         shown = language if len(language) <= _SHOWN else language[:_SHOWN] + "..."
         super().__init__(f"unknown language {shown!r}; use one of: {', '.join(sorted(available))}.")
+
+
+class ConfigurationError(SandboxError):
+    """The operator's settings or a runtime recipe are invalid; the message names the setting or file."""
 
 
 class RuntimeUnavailableError(SandboxError):

@@ -14,7 +14,16 @@ MIB = 1024 * 1024
 
 
 class Status(StrEnum):
-    """How an execution ended; each value is decided from evidence (see MCP_TOOL_SPECIFICATION.md)."""
+    """How an execution ended; each value is decided from evidence (see MCP_TOOL_SPECIFICATION.md).
+
+    ``CANCELLED`` is part of the tool contract but no result carries it in this version: a call
+    is cancelled from outside (an MCP client's ``notifications/cancelled``, the server stopped by a
+    signal, the Python caller's task cancelled), and a cancelled call returns nothing: MCP sends no
+    response and the Python API re-raises the cancellation once the sandbox is killed. The value
+    appears as the ``status`` of the call's audit end record (`codomyrmex_sandbox.audit.Outcome`).
+    `backends.base.decide` keeps its rule (a host-ordered kill, first in the order) for a backend
+    that stops a run on request and still returns its result; no backend does so yet.
+    """
 
     SUCCESS = "success"
     ERROR = "error"
@@ -25,16 +34,45 @@ class Status(StrEnum):
     CANCELLED = "cancelled"
 
 
+# The key that names, in a field's schema, the operator's values that bound it: the tool's input
+# schema (`codomyrmex_sandbox.schema`) replaces it with those values, e.g. ``maxLength`` with the cap.
+FROM_SETTINGS = "x-from-settings"
+
+
 class ExecutionRequest(BaseModel):
-    """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy."""
+    """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy.
+
+    The tool's input schema is generated from this model: its descriptions are templates over the
+    policy's fields (`LimitPolicy`), and `FROM_SETTINGS` says which of the operator's values bound a field.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    code: str
-    language: str = "python"
-    stdin: str | None = None
-    timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = None
-    memory_mb: Annotated[int, Field(ge=16)] | None = None
+    code: str = Field(
+        description="The program to run, UTF-8 source of at most {max_code_bytes} bytes.",
+        # minLength in the schema only: the policy refuses empty (and blank) code with a clearer message.
+        json_schema_extra={"minLength": 1, FROM_SETTINGS: {"maxLength": "max_code_bytes"}},
+    )
+    language: str = Field(
+        default="python",
+        description="The runtime to run the code in.",
+        json_schema_extra={FROM_SETTINGS: {"enum": "languages"}},
+    )
+    stdin: str | None = Field(
+        default=None,
+        description="Text for the program's standard input; without it the program reads EOF.",
+        json_schema_extra={FROM_SETTINGS: {"maxLength": "max_stdin_bytes"}},
+    )
+    timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None,
+        description="Wall-clock limit; default {default_timeout_seconds:g} s.",
+        json_schema_extra={FROM_SETTINGS: {"maximum": "max_timeout_seconds"}},
+    )
+    memory_mb: Annotated[int, Field(ge=16)] | None = Field(
+        default=None,
+        description="Memory limit, swap included; default {default_memory_mb} MiB.",
+        json_schema_extra={FROM_SETTINGS: {"maximum": "max_memory_mb"}},
+    )
 
 
 class Limits(BaseModel):

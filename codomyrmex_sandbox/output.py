@@ -2,9 +2,9 @@
 
 Every backend feeds raw bytes from the sandbox into an `OutputCollector`. It keeps each stream
 up to the cap, notices when a stream passes it (the backend then kills the sandbox), removes the
-runner's trailers (``\\0<nonce>:<key>=<value>\\0``) from stdout, and hands new text to a streaming
-callback. Text, final or streamed, is decoded as UTF-8 with replacement and sanitized. It holds
-only bounded memory: at most the cap per stream plus one trailer.
+runner's trailers from the output and reads them (their format is `codomyrmex_sandbox.protocol`'s),
+and hands new text to a streaming callback. Text, final or streamed, is decoded as UTF-8 with
+replacement and sanitized. It holds only bounded memory: at most the cap per stream plus one trailer.
 
 All of it runs on the event loop on bytes a sandboxed program chose, so every step is linear in
 them: trailers are found by one forward scan that never searches a byte twice (an open trailer
@@ -15,25 +15,22 @@ sanitized in a worker thread when they are large (`final_text`, `final_return_va
 
 from __future__ import annotations
 
-import base64
-import binascii
 import codecs
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Literal, TypeVar
 
 import anyio
 import anyio.lowlevel
 import anyio.to_thread
 
+from codomyrmex_sandbox import protocol
 from codomyrmex_sandbox.sanitize import sanitize
 
 StreamName = Literal["stdout", "stderr"]
 OutputCallback = Callable[[StreamName, str], Awaitable[None]]
 
-# The longest trailer, marker to closing NUL: the runner's return value is the base64 of at most
-# 65,550 characters (64 Ki and a truncation note) of up to 4 UTF-8 bytes each, 349,600 bytes.
-_MAX_TRAILER = 360_000
 # Streamed text is decoded and sanitized this many bytes at a time, so that one large frame (or a
 # released trailer) cannot hold the event loop for long.
 _STREAM_PIECE = 32 * 1024
@@ -68,18 +65,18 @@ class OutputCollector:
     The runner ends each stream with an exit trailer once the program is over; `runner_done`
     turns true when both have arrived, so everything the program wrote before exiting has been
     received (each stream is first-in first-out) and the sandbox need not be waited for.
-    Only stdout's trailers carry values (the return value, the exit status).
+    Which stream carries which trailer is the protocol's rule (`protocol.parse_trailer`).
     """
 
     def __init__(self, cap: int, nonce: str, on_output: OutputCallback | None = None) -> None:
         self._streams: dict[StreamName, _Stream] = {"stdout": _Stream(cap), "stderr": _Stream(cap)}
-        self._marker = b"\x00" + nonce.encode("ascii") + b":"
+        self._marker = protocol.trailer_marker(nonce)
         # Bytes held back per stream: a tail that may start a marker split across chunks (shorter
         # than the marker), or an open trailer, whole marker included, waiting for its closing NUL.
         self._held: dict[StreamName, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self._on_output = on_output
-        self.trailers: dict[str, bytes] = {}
-        self.stderr_exit: bytes | None = None
+        self._trailers: dict[protocol.TrailerKey, bytes] = {}  # stdout's
+        self._stderr_exit: bytes | None = None
 
     @property
     def over_cap(self) -> bool:
@@ -87,9 +84,14 @@ class OutputCollector:
         return any(s.truncated for s in self._streams.values())
 
     @property
+    def trailers(self) -> Mapping[protocol.TrailerKey, bytes]:
+        """The trailers read from stdout so far, by key; read-only (backends feed bytes, never trailers)."""
+        return MappingProxyType(self._trailers)
+
+    @property
     def runner_done(self) -> bool:
         """Both streams carried the runner's exit trailer, with the same status."""
-        return self.stderr_exit is not None and self.trailers.get("exit") == self.stderr_exit
+        return self._stderr_exit is not None and self._trailers.get(protocol.EXIT) == self._stderr_exit
 
     async def feed(self, stream: StreamName, chunk: bytes) -> None:
         await self._keep(stream, self._strip_trailers(stream, chunk))
@@ -119,20 +121,18 @@ class OutputCollector:
         return len(self._streams[stream].data)
 
     def return_value(self) -> str | None:
-        raw = self.trailers.get("rv")
+        raw = self._trailers.get(protocol.RETURN_VALUE)
         return None if raw is None else _return_value(raw)
 
     async def final_return_value(self) -> str | None:
         """`return_value`, computed in a worker thread when it is large."""
-        raw = self.trailers.get("rv")
+        raw = self._trailers.get(protocol.RETURN_VALUE)
         return None if raw is None else await _off_loop(_return_value, raw)
 
     def reported_exit(self) -> int | None:
         """The exit status the runner reported for a deliberate exit, if it did."""
-        raw = self.trailers.get("exit")
-        if raw is None or not raw.isdigit() or len(raw) > 3 or int(raw) > 255:  # noqa: PLR2004 - an exit status
-            return None
-        return int(raw)
+        raw = self._trailers.get(protocol.EXIT)
+        return None if raw is None else protocol.decode_exit(raw)
 
     async def _keep(self, stream: StreamName, chunk: bytes) -> None:
         if not chunk:
@@ -153,7 +153,7 @@ class OutputCollector:
 
         Linear in the bytes fed, whatever they hold: each byte is searched once for a marker or
         once for a closing NUL, never both and never again; an open trailer is only appended to.
-        A trailer is at most `_MAX_TRAILER` bytes up to its closing NUL, however it is split.
+        A trailer is at most `protocol.MAX_TRAILER` bytes up to its closing NUL, however it is split.
         """
         held = self._held[stream]
         out = bytearray()
@@ -172,16 +172,16 @@ class OutputCollector:
     def _close_trailer(self, stream: StreamName, chunk: bytes, out: bytearray) -> int | None:
         """A trailer is open: its closing NUL can only be in ``chunk``. Where the scan goes on, or None."""
         held = self._held[stream]
-        end = chunk.find(b"\x00")
+        end = chunk.find(protocol.TRAILER_END)
         if end < 0:
-            if len(held) + len(chunk) <= _MAX_TRAILER:
+            if len(held) + len(chunk) <= protocol.MAX_TRAILER:
                 held += chunk
             else:  # not a trailer after all; no NUL past the marker's, so no other marker in it
                 out += held
                 out += chunk
                 held.clear()
             return None
-        if len(held) + end > _MAX_TRAILER:  # not a trailer after all
+        if len(held) + end > protocol.MAX_TRAILER:  # not a trailer after all
             out += held
             out += memoryview(chunk)[:end]
             pos = end  # that NUL may start a marker
@@ -189,7 +189,7 @@ class OutputCollector:
             held += memoryview(chunk)[:end]
             if not self._record(stream, bytes(held[len(self._marker) :])):
                 out += held
-                out += b"\x00"
+                out += protocol.TRAILER_END
             pos = end + 1
         held.clear()
         return pos
@@ -206,14 +206,14 @@ class OutputCollector:
                 held += view[cut:]
                 return
             out += view[pos:start]
-            end = data.find(b"\x00", start + len(marker))
+            end = data.find(protocol.TRAILER_END, start + len(marker))
             if end < 0:
-                if len(data) - start > _MAX_TRAILER:  # not a trailer after all; nothing after it can be one
+                if len(data) - start > protocol.MAX_TRAILER:  # not a trailer after all; nothing after it can be one
                     out += view[start:]
                 else:
                     held += view[start:]
                 return
-            if end - start > _MAX_TRAILER:  # not a trailer after all: release it and scan on from the NUL
+            if end - start > protocol.MAX_TRAILER:  # not a trailer after all: release it and scan on from the NUL
                 out += view[start:end]
                 pos = end
                 continue
@@ -222,16 +222,16 @@ class OutputCollector:
             pos = end + 1
 
     def _record(self, stream: StreamName, body: bytes) -> bool:
-        key, sep, value = body.partition(b"=")
-        if not sep:
+        """Keep a trailer's value; False when ``body`` is not a trailer on this stream (it stays output)."""
+        parsed = protocol.parse_trailer(stream, body)
+        if parsed is None:
             return False
-        if stream == "stdout" and key in (b"rv", b"exit"):
-            self.trailers[key.decode()] = value
-            return True
-        if stream == "stderr" and key == b"exit":
-            self.stderr_exit = value
-            return True
-        return False
+        key, value = parsed
+        if stream == "stdout":
+            self._trailers[key] = value
+        else:
+            self._stderr_exit = value
+        return True
 
 
 def _decoded(raw: bytes) -> str:
@@ -239,10 +239,8 @@ def _decoded(raw: bytes) -> str:
 
 
 def _return_value(raw: bytes) -> str | None:
-    try:
-        return _decoded(base64.b64decode(raw, validate=True))
-    except binascii.Error:
-        return None
+    decoded = protocol.decode_return_value(raw)
+    return None if decoded is None else _decoded(decoded)
 
 
 async def _off_loop(func: Callable[[bytes], _T], raw: bytes) -> _T:

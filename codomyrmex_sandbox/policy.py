@@ -2,20 +2,28 @@
 
 The policy is a ceiling: a request may lower a limit, and raise it only up to the cap. Which
 policy applies is the settings' choice: the base settings, the selected profile on top, then the
-language's own overrides (see `Settings.policy`). These are pure functions of their inputs, so
-they are tested exhaustively without any engine.
+language's own overrides (see `Settings.policy`). The `Sandbox` resolves each language's policy
+once, when it is built (`resolve_policies`); each call is then judged against it
+(`resolve_limits`, `check_payload`), and the backend is handed each language's `default_limits`.
+These are pure functions of their inputs, so they are tested exhaustively without any engine.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
 
 from codomyrmex_sandbox.errors import InvalidRequestError, LimitAboveCapError, UnknownLanguageError
 from codomyrmex_sandbox.models import ExecutionRequest, Limits
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
 
 
-def check_payload(request: ExecutionRequest, settings: Settings) -> tuple[bytes, bytes | None]:
-    """Encode code and stdin, enforcing the size rules; returns the bytes that will be sent."""
-    policy = settings.policy(request.language)
+def resolve_policies(settings: Settings, languages: Iterable[str]) -> dict[str, LimitPolicy]:
+    """Each language's policy: the settings, then the profile, then the language's overrides."""
+    return {language: settings.policy(language) for language in languages}
+
+
+def check_payload(request: ExecutionRequest, policy: LimitPolicy) -> tuple[bytes, bytes | None]:
+    """Encode code and stdin under the size caps of ``policy``, the request's language's; returns the bytes to send."""
     code = _encode(request.code, "code")
     if b"\x00" in code:
         raise InvalidRequestError("code contains a NUL byte; remove it (source code never needs one).")
@@ -34,11 +42,15 @@ def check_payload(request: ExecutionRequest, settings: Settings) -> tuple[bytes,
     return code, stdin
 
 
-def resolve_limits(request: ExecutionRequest, settings: Settings, languages: list[str]) -> Limits:
-    """The effective limits for this request, or an InvalidRequestError naming what to change."""
-    if request.language not in languages:
-        raise UnknownLanguageError(request.language, languages)
-    return limits_for(request, settings.policy(request.language))
+def resolve_limits(request: ExecutionRequest, policies: Mapping[str, LimitPolicy]) -> Limits:
+    """The effective limits for this request, or an InvalidRequestError naming what to change.
+
+    ``policies`` holds the policy of every language this server runs (`resolve_policies`).
+    """
+    policy = policies.get(request.language)
+    if policy is None:
+        raise UnknownLanguageError(request.language, sorted(policies))
+    return limits_for(request, policy)
 
 
 def limits_for(request: ExecutionRequest, policy: LimitPolicy) -> Limits:
@@ -49,6 +61,15 @@ def limits_for(request: ExecutionRequest, policy: LimitPolicy) -> Limits:
     memory = policy.default_memory_mb if request.memory_mb is None else request.memory_mb
     if memory > policy.max_memory_mb:
         raise LimitAboveCapError("memory_mb", memory, policy.max_memory_mb, "MiB")
+    return _limits(policy, timeout, memory)
+
+
+def default_limits(policy: LimitPolicy) -> Limits:
+    """The effective limits of a call that asks for nothing: what a backend prepares sandboxes for."""
+    return _limits(policy, policy.default_timeout_seconds, policy.default_memory_mb)
+
+
+def _limits(policy: LimitPolicy, timeout: float, memory: int) -> Limits:
     return Limits(
         timeout_seconds=timeout,
         memory_mb=memory,

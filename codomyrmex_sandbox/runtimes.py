@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from codomyrmex_sandbox.errors import InvalidRequestError
+from codomyrmex_sandbox.errors import ConfigurationError
 
 LABEL_PREFIX = "io.codomyrmex.sandbox"
 VERSION_LABEL = f"{LABEL_PREFIX}.runtime-version"
@@ -58,7 +58,7 @@ def load_runtimes(directory: Path | None = None, enabled: list[str] | None = Non
     """Read every runtime descriptor in ``directory``; keep the ``enabled`` ones when given."""
     root = directory or default_runtimes_dir()
     if not root.is_dir():
-        raise InvalidRequestError(f"runtimes folder {root} does not exist; set runtimes_dir to the recipes.")
+        raise ConfigurationError(f"runtimes folder {root} does not exist; set runtimes_dir to the recipes.")
     found: dict[str, RuntimeSpec] = {}
     for descriptor in sorted(root.glob("*/runtime.toml")):
         spec = _load_one(descriptor)
@@ -66,12 +66,12 @@ def load_runtimes(directory: Path | None = None, enabled: list[str] | None = Non
     if enabled is not None:
         missing = sorted(set(enabled) - found.keys())
         if missing:
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"languages {missing} are enabled in the settings but have no recipe in {root}; known: {sorted(found)}."
             )
         found = {name: spec for name, spec in found.items() if name in enabled}
     if not found:
-        raise InvalidRequestError(f"no runtime is enabled (looked in {root}).")
+        raise ConfigurationError(f"no runtime is enabled (looked in {root}).")
     return found
 
 
@@ -81,12 +81,12 @@ def _load_one(descriptor: Path) -> RuntimeSpec:
         name = data["name"]
         command = tuple(data["command"])
         version_command = tuple(data["version_command"])
-    except (KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
-        raise InvalidRequestError(f"runtime descriptor {descriptor} is invalid: {exc!r}") from exc
+    except (OSError, UnicodeDecodeError, KeyError, TypeError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"runtime descriptor {descriptor} is invalid: {exc!r}") from exc
     if not isinstance(name, str) or not _NAME.match(name) or name != descriptor.parent.name:
-        raise InvalidRequestError(f"runtime descriptor {descriptor}: name must match its folder name.")
+        raise ConfigurationError(f"runtime descriptor {descriptor}: name must match its folder name.")
     if not command or not all(isinstance(part, str) for part in command + version_command):
-        raise InvalidRequestError(f"runtime descriptor {descriptor}: command must be a list of strings.")
+        raise ConfigurationError(f"runtime descriptor {descriptor}: command must be a list of strings.")
     return RuntimeSpec(
         name=name,
         directory=descriptor.parent,

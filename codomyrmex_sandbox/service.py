@@ -10,14 +10,18 @@
 a `SandboxError` for calls that never ran (invalid arguments, a limit above the cap, an unknown
 language, an engine or image that is not there). If the calling task is cancelled, the sandbox is
 killed and removed and the cancellation propagates.
+
+One path from arguments to result, whichever entry point is used (`execute`, `execute_arguments`,
+`execute_request`): under one audit trail (`AuditLog.execution`), the arguments are validated into
+a request, the request is judged against its language's policy (resolved once, when the Sandbox is
+built), the call waits for an admission slot, and the backend runs the job.
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
-from types import TracebackType
+from types import MappingProxyType, TracebackType
 from typing import Any, Self
 
 import anyio
@@ -25,19 +29,20 @@ import anyio
 from codomyrmex_sandbox.admission import Admission
 from codomyrmex_sandbox.audit import AuditLog
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
-from codomyrmex_sandbox.errors import InvalidRequestError, SandboxError, ServerBusyError
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request_from_arguments
+from codomyrmex_sandbox.errors import ConfigurationError, SandboxError
+from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, Limits, request_from_arguments
 from codomyrmex_sandbox.output import OutputCallback
-from codomyrmex_sandbox.policy import check_payload, resolve_limits
+from codomyrmex_sandbox.policy import check_payload, resolve_limits, resolve_policies
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
-from codomyrmex_sandbox.settings import Settings
+from codomyrmex_sandbox.settings import LimitPolicy, Settings
 
 
 class Sandbox:
     """Runs untrusted code in fresh sandboxes.
 
     Use as an async context manager, entered and exited in the same task (it runs a background
-    task group for the backend's upkeep while open).
+    task group for the backend's upkeep while open). ``policies`` holds each language's policy,
+    resolved once here; the backend is handed each language's default limits from them.
     """
 
     def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None) -> None:
@@ -45,11 +50,12 @@ class Sandbox:
         self.runtimes: dict[str, RuntimeSpec] = load_runtimes(self.settings.runtimes_dir, self.settings.languages)
         unknown = sorted(set(self.settings.language_limits) - set(self.runtimes))
         if unknown:
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"language_limits names {unknown}, which this server does not run; "
                 f"use one of: {', '.join(sorted(self.runtimes))}."
             )
-        self.backend: Backend = backend or create_backend(self.settings, self.runtimes)
+        self.policies: Mapping[str, LimitPolicy] = MappingProxyType(resolve_policies(self.settings, self.runtimes))
+        self.backend: Backend = backend or create_backend(self.settings, self.runtimes, self.policies)
         self.admission = Admission(
             self.settings.max_concurrent_executions,
             self.settings.max_queued_executions,
@@ -102,6 +108,14 @@ class Sandbox:
     async def runtime_status(self) -> list[RuntimeStatus]:
         return [await self.backend.runtime_status(spec) for spec in self.runtimes.values()]
 
+    def effective_limits(self, request: ExecutionRequest) -> Limits:
+        """The limits ``request`` would run with, or the InvalidRequestError that refuses it.
+
+        Raises UnknownLanguageError for a language this server does not run, LimitAboveCapError
+        for a limit above its language's cap.
+        """
+        return resolve_limits(request, self.policies)
+
     async def execute(
         self,
         code: str,
@@ -121,7 +135,7 @@ class Sandbox:
             "timeout_seconds": timeout_seconds,
             "memory_mb": memory_mb,
         }
-        return await self.execute_arguments(arguments, on_output=on_output, client=client)
+        return await self._execute(arguments, on_output, client)
 
     async def execute_arguments(
         self,
@@ -131,15 +145,7 @@ class Sandbox:
         client: str | None = None,
     ) -> ExecutionResult:
         """Like `execute`, for raw tool arguments (the MCP adapter's path); invalid ones are audited."""
-        try:
-            request = request_from_arguments(arguments)
-        except InvalidRequestError as exc:
-            language = arguments.get("language")
-            self.audit.ended_without_result(
-                uuid.uuid4().hex, str(language)[:40] if language else "python", "denied", client, reason=str(exc)
-            )
-            raise
-        return await self.execute_request(request, on_output=on_output, client=client)
+        return await self._execute(arguments, on_output, client)
 
     async def execute_request(
         self,
@@ -149,44 +155,36 @@ class Sandbox:
         client: str | None = None,
     ) -> ExecutionResult:
         """Like `execute`, for a request that is already a validated model."""
+        return await self._execute(request, on_output, client)
+
+    async def _execute(
+        self,
+        call: ExecutionRequest | Mapping[str, Any],
+        on_output: OutputCallback | None,
+        client: str | None,
+    ) -> ExecutionResult:
+        """The one path from arguments to result; `AuditLog.execution` turns each way it can end into a record."""
         if not self._opened:
             raise SandboxError("the Sandbox is not open; use `async with Sandbox(...) as sandbox:`.")
-        execution_id = uuid.uuid4().hex
-        language = request.language[:40]
-        try:
-            limits = resolve_limits(request, self.settings, self.languages)
-            code, stdin = check_payload(request, self.settings)
-        except InvalidRequestError as exc:
-            self.audit.ended_without_result(execution_id, language, "denied", client, request=request, reason=str(exc))
-            raise
-        job = Job(execution_id, self.runtimes[request.language], code, stdin, limits, on_output)
-        admitted = False
-        try:
+        with self.audit.execution(_language_named(call), client) as audit:
+            request = call if isinstance(call, ExecutionRequest) else request_from_arguments(call)
+            audit.requested(request)
+            limits = self.effective_limits(request)
+            code, stdin = check_payload(request, self.policies[request.language])
+            job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output)
             async with self.admission.slot():
-                admitted = True
-                self.audit.started(job, request, client)
-                return await self._run(job, request, client)
-        except ServerBusyError as exc:
-            self.audit.ended_without_result(execution_id, language, "busy", client, request=request, reason=str(exc))
-            raise
-        except anyio.get_cancelled_exc_class():
-            if not admitted:  # cancelled while waiting in the queue; _run audits the others
-                self.audit.ended_without_result(execution_id, language, "cancelled", client, request=request)
-            raise
+                audit.started(job)
+                result = await self.backend.execute(job)
+                audit.finished(result)
+            return result
 
-    async def _run(self, job: Job, request: ExecutionRequest, client: str | None) -> ExecutionResult:
-        try:
-            result = await self.backend.execute(job)
-        except anyio.get_cancelled_exc_class():
-            self.audit.ended_without_result(job.execution_id, job.runtime.name, "cancelled", client, request=request)
-            raise
-        except SandboxError as exc:
-            self.audit.ended_without_result(
-                job.execution_id, job.runtime.name, "not_run", client, request=request, reason=str(exc)
-            )
-            raise
-        self.audit.finished(result, request, job.limits, client)
-        return result
+
+def _language_named(call: ExecutionRequest | Mapping[str, Any]) -> str:
+    """The language a call names, for its audit records, before its arguments are validated."""
+    if isinstance(call, ExecutionRequest):
+        return call.language
+    language = call.get("language")
+    return str(language) if language else "python"
 
 
 def run_code(

@@ -22,7 +22,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from codomyrmex_sandbox.errors import InvalidRequestError
+from codomyrmex_sandbox.errors import ConfigurationError
 from codomyrmex_sandbox.models import MIB
 
 ENV_PREFIX = "CODOMYRMEX_SANDBOX_"
@@ -238,16 +238,16 @@ class Settings(BaseSettings, LimitFields):
     def load(cls, config_file: Path | None = None, **overrides: Any) -> Settings:  # noqa: ANN401
         """Build settings from the environment and an optional TOML file.
 
-        Raises InvalidRequestError with a readable message when the file or a value is wrong.
+        Raises ConfigurationError with a readable message when the file or a value is wrong.
         """
         values: dict[str, Any] | None = None
         if config_file is not None:
             try:
                 values = tomllib.loads(config_file.read_text(encoding="utf-8"))
             except OSError as exc:
-                raise InvalidRequestError(f"cannot read config file {config_file}: {exc.strerror}") from exc
+                raise ConfigurationError(f"cannot read config file {config_file}: {exc.strerror}") from exc
             except tomllib.TOMLDecodeError as exc:
-                raise InvalidRequestError(f"config file {config_file} is not valid TOML: {exc}") from exc
+                raise ConfigurationError(f"config file {config_file} is not valid TOML: {exc}") from exc
         token = _config_file.set(values)
         try:
             return cls(**overrides)
@@ -255,7 +255,7 @@ class Settings(BaseSettings, LimitFields):
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in err['loc']) or 'settings'}: {err['msg']}" for err in exc.errors()
             )
-            raise InvalidRequestError(
+            raise ConfigurationError(
                 f"invalid configuration ({problems}); fix the {ENV_PREFIX}* environment variables or the --config file."
             ) from exc
         finally:

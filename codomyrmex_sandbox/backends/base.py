@@ -1,4 +1,9 @@
-"""What every backend implements, and the evidence-to-status rules they all share."""
+"""What every backend implements, and the evidence-to-status rules they all share.
+
+How a backend talks to the runner inside a sandbox (header, nonce, trailers) is
+`codomyrmex_sandbox.protocol`; ``HEADER_MAGIC``, ``new_nonce`` and ``runner_header`` are
+re-exported here for older imports.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,21 @@ from typing import Protocol
 
 from codomyrmex_sandbox.models import ExecutionResult, Limits, ResourceUsage, Status
 from codomyrmex_sandbox.output import OutputCallback, OutputCollector
+from codomyrmex_sandbox.protocol import HEADER_MAGIC, new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import RuntimeSpec
 
-HEADER_MAGIC = "CODOMYRMEX1"
+# The runner protocol lives in `codomyrmex_sandbox.protocol`; these names stay importable from here.
+__all__ = [
+    "HEADER_MAGIC",
+    "Backend",
+    "Evidence",
+    "Job",
+    "RuntimeStatus",
+    "build_result",
+    "decide",
+    "new_nonce",
+    "runner_header",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +55,10 @@ class RuntimeStatus:
 class Backend(Protocol):
     """An isolation engine. Opened once (connect, check images, sweep orphans), closed once.
 
+    A backend chosen by name is built as ``Backend(settings, runtimes, policies)`` (see
+    `codomyrmex_sandbox.backends.create_backend`), ``policies`` being each language's policy as
+    the `Sandbox` resolved it once (its defaults and caps); it never resolves a policy itself.
+
     ``execute`` returns a result for every program that ran, whatever its status, and raises a
     `SandboxError` for a call that could not run. When the calling task is cancelled, the
     sandbox is killed and removed before the cancellation propagates.
@@ -58,11 +79,6 @@ class Backend(Protocol):
         ...
 
 
-def runner_header(nonce: str, code: bytes) -> bytes:
-    """The first line the in-sandbox runner reads: magic, nonce, code length."""
-    return f"{HEADER_MAGIC} {nonce} {len(code)}\n".encode("ascii")
-
-
 @dataclass(frozen=True)
 class Evidence:
     """What the engine and the host observed about how a sandbox ended."""
@@ -71,7 +87,7 @@ class Evidence:
     oom_killed: bool = False
     timed_out: bool = False
     output_capped: bool = False
-    cancelled: bool = False
+    cancelled: bool = False  # the host stopped the run on request; no backend sets it yet (see `Status`)
 
 
 def decide(  # noqa: PLR0911 - one return per rule reads best

@@ -2,8 +2,10 @@
 
 Nothing is isolated here: a *handler* you supply plays the program. It can write output, sleep,
 report a return value or an out-of-memory kill, and returns its exit code. The fake applies the
-same deadline, output cap and status rules as the real backends, so the service, the MCP adapter
-and the CLI can be tested without an engine::
+same deadline, output cap and status rules as the real backends, and plays the runner's part of
+the protocol (`codomyrmex_sandbox.protocol`): a fresh nonce per run, and the return value and exit
+status reported as trailer bytes in the output, which the collector reads as it reads a real
+runner's. So the service, the MCP adapter and the CLI can be tested without an engine::
 
     async def handler(run: FakeRun) -> int:
         await run.write("hello\\n")
@@ -22,13 +24,12 @@ from dataclasses import dataclass, field
 
 import anyio
 
+from codomyrmex_sandbox import protocol
 from codomyrmex_sandbox.backends.base import Evidence, Job, RuntimeStatus, build_result
 from codomyrmex_sandbox.errors import RuntimeUnavailableError
 from codomyrmex_sandbox.models import ExecutionResult
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import RuntimeSpec
-
-_NONCE = "fake"
 
 
 @dataclass
@@ -80,12 +81,16 @@ class FakeBackend:
         self.running = 0
         self.opened = False
         self.closed = False
+        self._plays: set[anyio.CancelScope] = set()  # the programs playing now
 
     async def open(self) -> None:
         self.opened = True
 
     async def aclose(self) -> None:
+        """Stop every program still playing, as a real backend kills its sandboxes: each ends as killed."""
         self.closed = True
+        for play in list(self._plays):
+            play.cancel()
 
     async def maintain(self) -> None:
         await anyio.sleep_forever()
@@ -99,7 +104,8 @@ class FakeBackend:
         if job.runtime.name in self._missing:
             raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
         self.jobs.append(dataclasses.replace(job, on_output=None))  # the callback would keep its caller alive
-        collector = OutputCollector(job.limits.output_bytes, _NONCE, job.on_output)
+        nonce = protocol.new_nonce()
+        collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
         run = FakeRun(job, collector)
         started = time.monotonic()
         exit_code: int | None = None
@@ -107,6 +113,7 @@ class FakeBackend:
         try:
             with anyio.move_on_after(job.limits.timeout_seconds) as deadline:
                 async with anyio.create_task_group() as tg:
+                    self._plays.add(tg.cancel_scope)
 
                     async def play() -> None:
                         nonlocal exit_code
@@ -121,13 +128,12 @@ class FakeBackend:
                     tg.start_soon(watch_cap)
         finally:
             self.running -= 1
+            self._plays.discard(tg.cancel_scope)
+        if exit_code is not None and run.signal_exit is None:  # the program ended by itself: the runner reports
+            await _report(collector, nonce, exit_code, run.return_value)
         await collector.finish()
         if run.signal_exit is not None:
             exit_code = 128 + run.signal_exit
-        if run.return_value is not None and exit_code == 0:
-            collector.trailers["rv"] = _b64(run.return_value)
-        if exit_code is not None and run.signal_exit is None:
-            collector.trailers["exit"] = str(exit_code).encode()
         evidence = Evidence(
             exit_code=exit_code if exit_code is not None else 137,
             oom_killed=run.oom_killed,
@@ -138,7 +144,11 @@ class FakeBackend:
         return await build_result(job, collector, evidence, (time.monotonic() - started) * 1000, version)
 
 
-def _b64(text: str) -> bytes:
-    import base64  # noqa: PLC0415 - only the fake needs it
-
-    return base64.b64encode(text.encode("utf-8"))
+async def _report(collector: OutputCollector, nonce: str, exit_code: int, return_value: str | None) -> None:
+    """What a runner writes once the program exited: the return value on success, then the exit status."""
+    if return_value is not None and exit_code == 0:
+        rv = protocol.encode_return_value(return_value)
+        await collector.feed("stdout", protocol.trailer(nonce, protocol.RETURN_VALUE, rv))
+    status = protocol.encode_exit(exit_code)
+    for stream in ("stdout", "stderr"):
+        await collector.feed(stream, protocol.trailer(nonce, protocol.EXIT, status))

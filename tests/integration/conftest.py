@@ -12,7 +12,6 @@ task of its own.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
 import subprocess
@@ -29,30 +28,23 @@ import docker
 import docker.errors
 import pytest
 from mcp import Client, StdioServerParameters
-from mcp_types import CallToolResult
 
 from codomyrmex_sandbox import Sandbox, Settings
 from codomyrmex_sandbox.server import build_server
 from tests.support import (
-    EXECUTION_ID,
-    MANAGED,
-    TOOL,
+    CALL_DEADLINE,
     OwnedSandboxes,
-    checked_engine,
+    ToolSession,
     child_with_variable,
     console_script,
     describe,
-    inherited_environment,
+    engine_fixture,
+    owned_by_a_task,
+    server_environment,
 )
 
 CANARY_VARIABLE = "CODOMYRMEX_TEST_CANARY"
-CALL_DEADLINE = 60.0  # no single call in these tests may take longer: a hang fails, it does not stall CI
 LEFTOVER_DEADLINE = 5.0
-
-
-def server_environment(**extra: str) -> dict[str, str]:
-    """What a server started by a test needs (see `inherited_environment`), then ``extra``."""
-    return {**inherited_environment(), **extra}
 
 
 @dataclass
@@ -65,60 +57,22 @@ class Engine(OwnedSandboxes):
 
     owners: set[int] = field(default_factory=lambda: {os.getpid()})
 
-    def for_execution(self, execution_id: str) -> list[dict[str, Any]]:
-        return self.api.containers(all=True, filters={"label": [f"{MANAGED}=true", f"{EXECUTION_ID}={execution_id}"]})
-
     def process_count(self, container_id: str) -> int:
         try:
             return len(self.api.top(container_id).get("Processes") or [])
         except docker.errors.APIError:  # not running (yet, or any more)
             return 0
 
-    def processes(self, container_id: str) -> list[str]:
-        """The command lines running in a container; empty once it stopped or is gone."""
-        try:
-            top = self.api.top(container_id, ps_args="-o pid,args")  # the engine needs the pid column
-        except docker.errors.APIError:
-            return []
-        return [" ".join(row[1:]) for row in top.get("Processes") or []]
-
     async def wait_for_process(self, owner: int, needle: str, *, within: float = 20.0) -> str:
-        """The id of ``owner``'s running sandbox whose processes include ``needle``.
-
-        The warm pool keeps idle sandboxes running, so "a running container of this server" does
-        not identify the one running a test's program; a process the program starts does.
-        """
+        """The id of ``owner``'s running sandbox whose processes include ``needle`` (see `sandbox_running`)."""
         deadline = time.monotonic() + within
         while True:
-            running = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
-            for container in running:
-                commands = await anyio.to_thread.run_sync(self.processes, container["Id"])
-                if any(needle in command for command in commands):
-                    return str(container["Id"])
+            found = await anyio.to_thread.run_sync(self.sandbox_running, owner, needle)
+            if found is not None:
+                return found
             if time.monotonic() > deadline:
                 pytest.fail(f"no running sandbox of pid {owner} ran {needle!r} within {within} s")
             await anyio.sleep(0.02)
-
-    async def wait_until_no_process(self, owner: int, needle: str, *, within: float) -> float:
-        """Seconds until no sandbox of ``owner`` runs ``needle`` any more; fails after ``within`` seconds."""
-        start = time.monotonic()
-        while True:
-            running = await anyio.to_thread.run_sync(partial(self.containers, owners={owner}, running=True))
-            found = False
-            for container in running:
-                commands = await anyio.to_thread.run_sync(self.processes, container["Id"])
-                found = found or any(needle in command for command in commands)
-            if not found:
-                return time.monotonic() - start
-            if time.monotonic() - start > within:
-                pytest.fail(f"{needle!r} still runs in a sandbox of pid {owner} {within} s later")
-            await anyio.sleep(0.02)
-
-    def is_running(self, container_id: str) -> bool:
-        try:
-            return bool(self.api.inspect_container(container_id)["State"]["Running"])
-        except docker.errors.NotFound:
-            return False
 
     async def wait_until_removed(self, container_id: str, *, within: float = LEFTOVER_DEADLINE) -> float:
         """Seconds until the container no longer exists; fails after ``within`` seconds."""
@@ -154,17 +108,8 @@ class Engine(OwnedSandboxes):
             await anyio.sleep(0.02)
 
 
-@pytest.fixture(scope="session")
-def settings() -> Settings:
-    return Settings.load()
-
-
-@pytest.fixture(scope="session")
-def engine(settings: Settings) -> Iterator[Engine]:
-    """The engine, checked once per session: reachable, and every runtime image built."""
-    client = checked_engine(settings, "integration")
-    yield Engine(client.api)
-    client.close()
+# The engine, checked once per session: reachable, and every runtime image built.
+engine = engine_fixture(Engine, "integration")
 
 
 @pytest.fixture(autouse=True)
@@ -201,48 +146,17 @@ def canary() -> str:
 
 @pytest.fixture
 async def sandbox(settings: Settings) -> AsyncIterator[Sandbox]:
-    """An opened `Sandbox` on the Docker backend (the Python API).
-
-    A Sandbox must be entered and exited by one task (it holds a task group for its upkeep), and
-    pytest-asyncio sets a fixture up and tears it down in different tasks: a task of its own owns it.
-    """
-    opened: asyncio.Future[Sandbox] = asyncio.get_running_loop().create_future()
-    close = asyncio.Event()
-
-    async def own() -> None:
-        async with Sandbox(settings) as entered:
-            opened.set_result(entered)
-            await close.wait()
-
-    owner = asyncio.create_task(own(), name="sandbox-owner")
-    await asyncio.wait({owner, opened}, return_when=asyncio.FIRST_COMPLETED)
-    if not opened.done():
-        owner.result()  # opening failed: raise why
-        pytest.fail("the Sandbox's owner task ended without opening it")
-    yield opened.result()
-    close.set()
-    await owner
+    """An opened `Sandbox` on the Docker backend (the Python API), owned by a task of its own."""
+    async with owned_by_a_task(Sandbox(settings), "sandbox-owner") as opened:
+        yield opened
 
 
 @dataclass
-class Connection:
+class Connection(ToolSession):
     """One MCP connection to a server, and the pid that its sandbox containers are labelled with."""
 
-    client: Client
     owner_pid: int
     transport: str
-
-    async def call(self, arguments: dict[str, Any], **options: Any) -> CallToolResult:
-        with anyio.fail_after(CALL_DEADLINE):
-            return await self.client.call_tool(TOOL, arguments, **options)
-
-    async def run(self, code: str, **arguments: Any) -> dict[str, Any]:
-        """Call execute_code and return its structured result, which must be a normal (not isError) result."""
-        result = await self.call({"code": code, **arguments})
-        text = " ".join(getattr(part, "text", "") for part in result.content)
-        assert not result.is_error, f"the call did not run: {text}"
-        assert result.structured_content is not None, f"no structured content: {text}"
-        return result.structured_content
 
 
 Connector = Callable[[], AbstractAsyncContextManager[Connection]]

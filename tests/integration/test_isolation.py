@@ -185,7 +185,7 @@ async def test_a_daemon_left_running_does_not_hold_the_call_and_dies_with_the_sa
     start = time.monotonic()
     result = await sandbox.execute(code)  # the default timeout (30 s): returning early is the point
     elapsed = time.monotonic() - start
-    daemons_gone_after = await engine.wait_until_no_process(os.getpid(), "sleep 1000", within=5)
+    daemons_gone_after = await engine.wait_until_no_sandbox_runs(os.getpid(), "sleep 1000", within=5)
 
     assert result.status == "success"
     assert result.stdout == "started\n"

@@ -20,7 +20,6 @@ real outside address; bombs are bounded in count, so that even without a limit t
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -49,109 +48,39 @@ from mcp import Client, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp_types import CallToolResult
 
-from codomyrmex_sandbox import Settings
 from tests.support import (
+    ACTIVE_SERVERS,
+    CALL_DEADLINE,
     SANDBOX_UIDS,
     TOOL,
+    HostProcess,
     OwnedSandboxes,
-    checked_engine,
+    ToolSession,
+    cgroup_file,
     child_with_variable,
     console_script,
-    inherited_environment,
+    engine_fixture,
+    free_port,
+    host_processes,
+    owned_by_a_task,
+    process_alive,
+    release,
+    rss_kib,
+    server_environment,
 )
 
 CANARY_VARIABLE = "CANARY_SECRET"
 CANARY_PREFIX = "canary-"
-CALL_DEADLINE = 60.0  # no call may take longer: a hang fails the test, it does not stall the suite
 SETTLE_DEADLINE = 15.0  # for the host to be back to idle after a test
 DOCKER_GATEWAY = "172.17.0.1"
 
 # Every canary handed to a server in this session: no output of any server may contain one.
 CANARIES: list[str] = []
-# Owner pids of the servers that are running now; `host_is_clean` checks their containers.
-ACTIVE_SERVERS: set[int] = set()
-_CONTAINER_ID = re.compile(r"(?:/|docker-)([0-9a-f]{64})(?:\.scope)?(?:/|$)", re.MULTILINE)
+# The settings every server started here runs with, unless a test sets others: 8 slots.
+SERVER_SETTINGS = {"CODOMYRMEX_SANDBOX_MAX_CONCURRENT_EXECUTIONS": "8"}
 # The two processes of a sandbox that waits for code: the seccomp guard as its init, and the runner.
 _IDLE_PROCESSES = ("seccomp-guard", "runner")
 _IDLE_MARK = "/opt/codomyrmex/runner."
-
-
-# -- the host's processes ---------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostProcess:
-    pid: int
-    ppid: int
-    uid: int
-    state: str
-    comm: str
-    cmdline: str
-    container: str | None  # the 64-hex id of the container whose cgroup holds it
-    cgroup: str
-
-
-def _read(path: str) -> bytes:
-    with open(path, "rb") as f:  # noqa: PTH123 - /proc files, read in a tight loop
-        return f.read()
-
-
-def host_processes() -> list[HostProcess]:
-    """Every process on the host (the test runs in the host's pid namespace), with its container."""
-    found = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        base = f"/proc/{entry.name}"
-        try:
-            status = _read(f"{base}/status").decode(errors="replace")
-            cmdline = _read(f"{base}/cmdline").replace(b"\0", b" ").decode(errors="replace").strip()
-            cgroup = _read(f"{base}/cgroup").decode(errors="replace")
-        except OSError:
-            continue
-        fields = dict(line.split(":\t", 1) for line in status.splitlines() if ":\t" in line)
-        match = _CONTAINER_ID.search(cgroup)
-        try:
-            found.append(
-                HostProcess(
-                    pid=int(entry.name),
-                    ppid=int(fields.get("PPid", "0")),
-                    uid=int(fields.get("Uid", "0").split()[1]),
-                    state=fields.get("State", "?").split()[0],
-                    comm=fields.get("Name", "").strip(),
-                    cmdline=cmdline,
-                    container=match.group(1) if match else None,
-                    cgroup=cgroup,
-                )
-            )
-        except (ValueError, IndexError):
-            continue
-    return found
-
-
-def cgroup_file(process: HostProcess, controller: str, name: str) -> Path | None:
-    """The host path of one of ``process``'s cgroup files (v1 controller, or the v2 unified tree)."""
-    for line in process.cgroup.splitlines():
-        _, controllers, path = line.split(":", 2)
-        if controller in controllers.split(","):
-            return Path("/sys/fs/cgroup") / controller / path.lstrip("/") / name
-    for line in process.cgroup.splitlines():
-        if line.startswith("0::"):
-            return Path("/sys/fs/cgroup") / line[3:].lstrip("/") / name
-    return None
-
-
-def process_alive(pid: int) -> bool:
-    try:
-        state = _read(f"/proc/{pid}/status").decode()
-    except OSError:
-        return False
-    return "\nState:\tZ" not in state
-
-
-def rss_kib(pid: int) -> int:
-    status = _read(f"/proc/{pid}/status").decode()
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1))
 
 
 # -- the engine -------------------------------------------------------------------------------
@@ -162,8 +91,37 @@ class Engine(OwnedSandboxes):
     """The Docker engine and the host as the tests see them.
 
     Only containers owned by a server that this process started count: other test runs on the
-    same machine (and their servers) cannot make these tests fail.
+    same machine (and their servers) cannot make these tests fail. The host's side (its processes,
+    their cgroups, ports) is reached through it too: the functions of tests/support.py, as methods.
     """
+
+    # -- the host, as the attacks are checked on it
+
+    def host_processes(self) -> list[HostProcess]:
+        """Every process on the host, with the container whose cgroup holds it."""
+        return host_processes()
+
+    def cgroup_file(self, process: HostProcess, controller: str, name: str) -> Path | None:
+        """The host path of one of ``process``'s cgroup files."""
+        return cgroup_file(process, controller, name)
+
+    def process_alive(self, pid: int) -> bool:
+        """Whether ``pid`` runs (a zombie does not)."""
+        return process_alive(pid)
+
+    def rss_kib(self, pid: int) -> int:
+        """The resident memory of ``pid``, in KiB."""
+        return rss_kib(pid)
+
+    def release(self, process: HostProcess) -> None:
+        """Open a sandbox program's gate: kill the marker process it waits on, from the host."""
+        release(process)
+
+    def free_port(self) -> int:
+        """A TCP port that nothing on the host listens on right now."""
+        return free_port()
+
+    # -- the engine's sandboxes
 
     def all_container_ids(self) -> set[str]:
         return {c["Id"] for c in self.api.containers(all=True)}
@@ -208,7 +166,7 @@ class Engine(OwnedSandboxes):
         return time.monotonic() - start
 
     async def wait_until_no_process(self, needle: str, *, within: float = 10.0) -> float:
-        """Seconds until no process on the whole host has ``needle`` in its command line."""
+        """Seconds until no process on the whole host, in a sandbox or not, has ``needle`` in its command line."""
         start = time.monotonic()
         while True:
             left = [p for p in await anyio.to_thread.run_sync(host_processes) if needle in p.cmdline]
@@ -260,17 +218,8 @@ class Engine(OwnedSandboxes):
         return problems
 
 
-@pytest.fixture(scope="session")
-def settings() -> Settings:
-    return Settings.load()
-
-
-@pytest.fixture(scope="session")
-def engine(settings: Settings) -> Iterator[Engine]:
-    """The engine, checked once per session: reachable, and every runtime image built."""
-    client = checked_engine(settings, "security")
-    yield Engine(client.api)
-    client.close()
+# The engine, checked once per session: reachable, and every runtime image built.
+engine = engine_fixture(Engine, "security")
 
 
 # -- listeners on the host ----------------------------------------------------------------------
@@ -378,11 +327,6 @@ def listeners() -> Iterator[Listeners]:
 # -- servers over stdio ---------------------------------------------------------------------------
 
 
-def server_environment(**extra: str) -> dict[str, str]:
-    """What a server started by a test needs (see `inherited_environment`), 8 slots, then ``extra``."""
-    return {**inherited_environment(), "CODOMYRMEX_SANDBOX_MAX_CONCURRENT_EXECUTIONS": "8", **extra}
-
-
 def new_canary() -> str:
     canary = f"{CANARY_PREFIX}{secrets.token_hex(16)}"
     CANARIES.append(canary)
@@ -423,32 +367,19 @@ async def tapped_stdio(params: StdioServerParameters, errlog: Any, seen: list[An
 
 
 @dataclass
-class Server:
+class Server(ToolSession):
     """One server started over stdio, and an MCP client connected to it."""
 
-    client: Client
     pid: int
     canary: str
     errlog: Any
     seen: list[Any]
     results: list[CallToolResult] = field(default_factory=list)
 
-    async def call(
-        self, arguments: dict[str, Any], *, deadline: float = CALL_DEADLINE, **options: Any
-    ) -> CallToolResult:
-        """Call execute_code; every result is searched for any server's canary."""
-        with anyio.fail_after(deadline):
-            result = await self.client.call_tool(TOOL, arguments, **options)
+    def checked(self, result: CallToolResult) -> None:
+        """Every result is kept, and searched for any server's canary."""
         self.results.append(result)
         assert_no_canary(result.model_dump_json(), "a tool result")
-        return result
-
-    async def run(self, code: str, **arguments: Any) -> dict[str, Any]:
-        """Call execute_code and return its structured result, which must be a normal (not isError) result."""
-        result = await self.call({"code": code, **arguments})
-        assert not result.is_error, f"the call did not run: {text_of(result)}"
-        assert result.structured_content is not None, f"no structured content: {text_of(result)}"
-        return result.structured_content
 
     def log(self) -> str:
         """What the server wrote on stderr so far (its logs and audit records)."""
@@ -472,10 +403,6 @@ class Server:
         return [item for item in self.seen if isinstance(item, Exception)]
 
 
-def text_of(result: CallToolResult) -> str:
-    return " ".join(getattr(part, "text", "") for part in result.content)
-
-
 @asynccontextmanager
 async def launch(engine: Engine, *, check_on_close: bool = True, **settings_env: str) -> AsyncIterator[Server]:
     """Start ``codomyrmex-sandbox serve`` over stdio with a fresh canary, and connect to it.
@@ -486,7 +413,7 @@ async def launch(engine: Engine, *, check_on_close: bool = True, **settings_env:
     ``check_on_close=False`` none of that is checked and its containers are left to the test.
     """
     canary = new_canary()
-    env = server_environment(**{CANARY_VARIABLE: canary}, **settings_env)
+    env = server_environment(**{**SERVER_SETTINGS, CANARY_VARIABLE: canary, **settings_env})
     params = StdioServerParameters(command=console_script(), args=["serve"], env=env)
     seen: list[Any] = []
     with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as errlog:
@@ -529,22 +456,8 @@ def launcher(engine: Engine, listeners: Listeners):
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def server(engine: Engine, listeners: Listeners) -> AsyncIterator[Server]:
     """The module's server. Its owner task opens and closes the client (one task must do both)."""
-    opened: asyncio.Future[Server] = asyncio.get_running_loop().create_future()
-    close = asyncio.Event()
-
-    async def own() -> None:
-        async with launch(engine) as started:
-            opened.set_result(started)
-            await close.wait()
-
-    owner = asyncio.create_task(own(), name="server-owner")
-    await asyncio.wait({owner, opened}, return_when=asyncio.FIRST_COMPLETED)
-    if not opened.done():
-        owner.result()
-        pytest.fail("the server's owner task ended without starting it")
-    yield opened.result()
-    close.set()
-    await owner
+    async with owned_by_a_task(launch(engine), "server-owner") as started:
+        yield started
 
 
 @pytest.fixture
@@ -619,7 +532,7 @@ async def raw_launch(engine: Engine, **settings_env: str) -> AsyncIterator[RawSe
     wrote on stdout must have been one JSON-RPC message.
     """
     canary = new_canary()
-    env = server_environment(**{CANARY_VARIABLE: canary}, **settings_env)
+    env = server_environment(**{**SERVER_SETTINGS, CANARY_VARIABLE: canary, **settings_env})
     lines: list[bytes] = []
     send, receive = anyio.create_memory_object_stream[bytes](1000)
     with tempfile.TemporaryFile("w+b") as errlog:
@@ -703,19 +616,6 @@ def host_is_clean(engine: Engine, listeners: Listeners) -> Iterator[None]:
         assert not busy, f"server {owner} still has sandboxes that are not idle: {busy}"
 
 
-def free_port() -> int:
-    """A TCP port that nothing on the host listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def release(process: HostProcess) -> None:
-    """Open a sandbox program's gate: kill the marker process it waits on, from the host."""
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(process.pid, 9)
-
-
 MEASUREMENTS: list[tuple[str, str, object]] = []
 
 
@@ -736,13 +636,3 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.section("attack measurements")
     for test, name, value in MEASUREMENTS:
         terminalreporter.line(f"{test}: {name} = {value}")
-
-
-# Test modules cannot import this file (tests are not a package): they reach helpers through fixtures.
-Engine.host_processes = staticmethod(host_processes)  # type: ignore[attr-defined]
-Engine.cgroup_file = staticmethod(cgroup_file)  # type: ignore[attr-defined]
-Engine.release = staticmethod(release)  # type: ignore[attr-defined]
-Engine.free_port = staticmethod(free_port)  # type: ignore[attr-defined]
-Engine.process_alive = staticmethod(process_alive)  # type: ignore[attr-defined]
-Engine.rss_kib = staticmethod(rss_kib)  # type: ignore[attr-defined]
-Server.text = staticmethod(text_of)  # type: ignore[attr-defined]

@@ -16,11 +16,15 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import anyio
 import pytest
 
-from tests.security.conftest import Engine, Listeners, release
+from tests.support import release
+
+if TYPE_CHECKING:  # the fixtures' types; a test module never imports a conftest at run time
+    from tests.security.conftest import Engine, Listeners
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 

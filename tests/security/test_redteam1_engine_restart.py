@@ -15,8 +15,7 @@ import time
 import anyio
 import pytest
 
-from tests.security.conftest import process_alive, text_of
-from tests.support import control_engine
+from tests.support import control_engine, process_alive, text_of
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.security.conftest import ACTIVE_SERVERS
+from tests.support import ACTIVE_SERVERS
 
 pytestmark = [pytest.mark.docker]
 

@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from tests.security.conftest import rss_kib
+from tests.support import rss_kib
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 

@@ -18,7 +18,7 @@ import time
 import anyio
 import pytest
 
-from tests.security.conftest import ACTIVE_SERVERS
+from tests.support import ACTIVE_SERVERS
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from codomyrmex_sandbox.backends.cgroups import CgroupAccounting
+from codomyrmex_sandbox.backends.docker.cgroups import CgroupV1, CgroupV2
 
 
 def write(path: Path, text: str) -> None:
@@ -13,7 +13,7 @@ def write(path: Path, text: str) -> None:
 
 
 def test_cgroup_v1_counters_are_read_from_the_per_execution_parent(tmp_path):
-    accounting = CgroupAccounting(version=1, driver="cgroupfs", root=tmp_path)
+    accounting = CgroupV1(driver="cgroupfs", root=tmp_path)
     parent = accounting.parent_for("abc")
     assert parent == "/codomyrmex-sandbox/abc"
     memory = tmp_path / "memory/codomyrmex-sandbox/abc"
@@ -28,7 +28,7 @@ def test_cgroup_v1_counters_are_read_from_the_per_execution_parent(tmp_path):
 
 
 def test_cgroup_v2_counters_are_read_from_the_unified_tree(tmp_path):
-    accounting = CgroupAccounting(version=2, driver="cgroupfs", root=tmp_path)
+    accounting = CgroupV2(driver="cgroupfs", root=tmp_path)
     unified = tmp_path / "codomyrmex-sandbox/abc"
     write(unified / "memory.events", "low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
     write(unified / "memory.peak", "1048576\n")
@@ -39,7 +39,7 @@ def test_cgroup_v2_counters_are_read_from_the_unified_tree(tmp_path):
 
 
 def test_systemd_parents_are_slices_and_their_counters_are_found(tmp_path):
-    accounting = CgroupAccounting(version=2, driver="systemd", root=tmp_path)
+    accounting = CgroupV2(driver="systemd", root=tmp_path)
     parent = accounting.parent_for("abc")
     assert parent == "codomyrmex-abc.slice"
     unified = tmp_path / "codomyrmex.slice/codomyrmex-abc.slice"
@@ -52,12 +52,12 @@ def test_systemd_parents_are_slices_and_their_counters_are_found(tmp_path):
 
 
 def test_unreadable_counters_give_unknown_usage_not_a_guess(tmp_path):
-    accounting = CgroupAccounting(version=1, driver="cgroupfs", root=tmp_path)
+    accounting = CgroupV1(driver="cgroupfs", root=tmp_path)
     assert accounting.read(accounting.parent_for("missing")) is None
 
 
 def test_parents_are_removed_after_use_and_swept_when_left_behind(tmp_path):
-    accounting = CgroupAccounting(version=1, driver="cgroupfs", root=tmp_path)
+    accounting = CgroupV1(driver="cgroupfs", root=tmp_path)
     for controller in ("memory", "cpuacct", "pids"):
         (tmp_path / controller / "codomyrmex-sandbox" / "done").mkdir(parents=True)
         (tmp_path / controller / "codomyrmex-sandbox" / "left").mkdir(parents=True)

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 from mcp import Client
+from mcp_types import ProgressNotification
 
 from codomyrmex_sandbox import FakeBackend, FakeRun, Sandbox, Settings
 from codomyrmex_sandbox.server import build_server
@@ -125,11 +126,34 @@ async def test_output_is_streamed_as_progress_when_the_client_asks():
 
 
 async def test_without_a_progress_token_nothing_is_streamed():
-    async with connected() as client:
-        updates: list[str | None] = []
-        result = await client.call_tool("execute_code", {"code": "x"})
-        assert result.is_error is False
-        assert updates == []
+    # Over JSON-RPC (mode="legacy": the in-memory transport, framed as over stdio) the client hands
+    # every notification to its message handler, whether or not a request waits for it: `observe`
+    # sees any progress the server sends. Each call's timeout is the `total` of its progress.
+    seen: list[float | None] = []
+    control_seen = anyio.Event()
+
+    async def observe(message: object) -> None:
+        if isinstance(message, ProgressNotification):
+            seen.append(message.params.total)
+            if message.params.total == 9:
+                control_seen.set()
+
+    async def ignore(progress: float, total: float | None, message: str | None) -> None:
+        pass
+
+    async with (
+        Sandbox(Settings.load(backend="fake"), backend=FakeBackend(greets)) as sandbox,
+        Client(build_server(sandbox), mode="legacy", message_handler=observe) as client,
+    ):
+        result = await client.call_tool("execute_code", {"code": "x", "timeout_seconds": 7})
+        # The control: the same program with a token is streamed, and `observe` sees it. Notifications
+        # arrive in order, so once it has, anything the call without a token sent has been seen too.
+        control = await client.call_tool("execute_code", {"code": "x", "timeout_seconds": 9}, progress_callback=ignore)
+        with anyio.fail_after(5):
+            await control_seen.wait()
+    assert result.is_error is False
+    assert control.is_error is False
+    assert [total for total in seen if total != 9] == [], "the call without a progress token was streamed"
 
 
 async def test_an_unknown_tool_is_a_protocol_error():

@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from codomyrmex_sandbox import output as output_module
+from codomyrmex_sandbox import protocol as protocol_module
 from codomyrmex_sandbox.backends.base import Evidence, decide
 from codomyrmex_sandbox.models import Status
 from codomyrmex_sandbox.output import OutputCollector
@@ -305,7 +306,7 @@ async def test_an_unterminated_200_kb_trailer_is_output_at_the_end():
 
 
 async def test_an_open_trailer_past_the_bound_is_output_at_once_however_it_is_cut():
-    too_long = MARKER + b"rv=" + b"A" * output_module._MAX_TRAILER + b"\x00after"
+    too_long = MARKER + b"rv=" + b"A" * protocol_module.MAX_TRAILER + b"\x00after"
     for size in (len(too_long), len(too_long) - 6, 65536, 4093, 1000):  # the second: the NUL opens a chunk
         collector, _ = await collect(
             [("stdout", too_long[i : i + size]) for i in range(0, len(too_long), size)], cap=1_000_000
@@ -314,8 +315,8 @@ async def test_an_open_trailer_past_the_bound_is_output_at_once_however_it_is_cu
         assert bytes(collector._streams["stdout"].data) == too_long, size
     # While the stream is still open, too: nothing waits for a NUL that may never come.
     collector = OutputCollector(1_000_000, NONCE)
-    await collector.feed("stdout", too_long[: len(MARKER) + 3 + output_module._MAX_TRAILER])
-    assert collector.size("stdout") == len(MARKER) + 3 + output_module._MAX_TRAILER
+    await collector.feed("stdout", too_long[: len(MARKER) + 3 + protocol_module.MAX_TRAILER])
+    assert collector.size("stdout") == len(MARKER) + 3 + protocol_module.MAX_TRAILER
 
 
 @given(
@@ -325,7 +326,7 @@ async def test_an_open_trailer_past_the_bound_is_output_at_once_however_it_is_cu
 async def test_whether_a_trailer_is_too_long_does_not_depend_on_how_it_is_cut(pieces: list[bytes], cuts: list[int]):
     data = b"".join(pieces)
     bounds = sorted({0, len(data), *(cut for cut in cuts if cut < len(data))})
-    with mock.patch.object(output_module, "_MAX_TRAILER", len(MARKER) + 10):  # "rv=" and 7 bytes
+    with mock.patch.object(protocol_module, "MAX_TRAILER", len(MARKER) + 10):  # "rv=" and 7 bytes
         whole, _ = await collect([("stdout", data)], cap=10_000)
         cut, _ = await collect([("stdout", data[a:b]) for a, b in itertools.pairwise(bounds)], cap=10_000)
     assert bytes(cut._streams["stdout"].data) == bytes(whole._streams["stdout"].data)
@@ -372,3 +373,25 @@ async def test_large_final_texts_are_sanitized_in_a_worker_thread(monkeypatch):
     assert await collector.final_return_value() == "\\x90" * output_module._OFF_LOOP_BYTES
     assert threads.pop() != here
     assert collector.text("stdout") == await collector.final_text("stdout")
+
+
+def test_the_protocol_writes_what_the_collector_reads():
+    nonce = protocol_module.new_nonce()
+    assert len(nonce) == 32 and int(nonce, 16) >= 0
+    assert protocol_module.new_nonce() != nonce
+    assert protocol_module.runner_header(nonce, b"print(1)") == f"CODOMYRMEX1 {nonce} 8\n".encode()
+    assert protocol_module.trailer(NONCE, "exit", b"3") == trailer("exit", b"3")
+    assert protocol_module.parse_trailer("stdout", b"rv=QQ==") == ("rv", b"QQ==")
+    assert protocol_module.parse_trailer("stderr", b"exit=0") == ("exit", b"0")
+    assert protocol_module.parse_trailer("stderr", b"rv=QQ==") is None  # only stdout carries a value
+    assert protocol_module.parse_trailer("stdout", b"rv") is None
+    assert protocol_module.decode_return_value(protocol_module.encode_return_value("é")) == "é".encode()
+    assert protocol_module.decode_return_value(b"not base64!") is None
+    assert [protocol_module.decode_exit(raw) for raw in (b"0", b"255", b"256", b"-1", b"1000", b"")] == [
+        0,
+        255,
+        None,
+        None,
+        None,
+        None,
+    ]

@@ -7,7 +7,7 @@ import itertools
 import anyio
 import pytest
 
-from codomyrmex_sandbox.backends.pool import WarmPool
+from codomyrmex_sandbox.backends.docker.pool import WarmPool
 from codomyrmex_sandbox.errors import EngineUnavailableError
 
 

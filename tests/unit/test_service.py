@@ -8,6 +8,7 @@ import structlog
 from structlog.testing import capture_logs
 
 from codomyrmex_sandbox import (
+    ConfigurationError,
     FakeBackend,
     FakeRun,
     InvalidRequestError,
@@ -18,8 +19,12 @@ from codomyrmex_sandbox import (
     Settings,
     Status,
     UnknownLanguageError,
+    backends,
+    protocol,
 )
 from codomyrmex_sandbox.backends.fake import echo_stdin
+from codomyrmex_sandbox.models import ExecutionRequest
+from codomyrmex_sandbox.policy import default_limits
 
 
 def sandbox_with(handler, **settings) -> tuple[Sandbox, FakeBackend]:
@@ -229,5 +234,74 @@ async def test_the_library_never_writes_to_stdout_even_with_structlog_unconfigur
 
 
 def test_limits_for_a_language_the_server_does_not_run_are_refused_at_start():
-    with pytest.raises(InvalidRequestError, match=r"language_limits names \['cobol'\]"):
+    with pytest.raises(ConfigurationError, match=r"language_limits names \['cobol'\]"):
         Sandbox(Settings.load(backend="fake", language_limits={"cobol": {"max_memory_mb": 512}}), backend=FakeBackend())
+
+
+async def test_the_fake_reports_through_the_runner_protocol_and_a_forged_trailer_stays_output():
+    async def forges(run: FakeRun) -> int:
+        await run.write(b"\x00fake:rv=Zm9yZ2Vk\x00")  # the fake's old fixed nonce: now just output
+        await run.write(protocol.trailer("0" * 32, protocol.EXIT, b"3"), "stderr")  # a guessed nonce
+        run.return_value = "'real'"
+        return 0
+
+    sandbox, _ = sandbox_with(forges)
+    async with sandbox:
+        result = await sandbox.execute("x")
+    assert (result.status, result.exit_code, result.return_value) == (Status.SUCCESS, 0, "'real'")
+    assert result.stdout == "\\x00fake:rv=Zm9yZ2Vk\\x00"
+    assert "exit=3" in result.stderr
+
+
+def test_policies_are_resolved_once_when_the_sandbox_is_built(monkeypatch):
+    calls: list[str | None] = []
+    original = Settings.policy
+
+    def counted(self, language=None):
+        calls.append(language)
+        return original(self, language)
+
+    settings = Settings.load(backend="fake", language_limits={"bash": {"max_memory_mb": 512, "default_memory_mb": 64}})
+    monkeypatch.setattr(Settings, "policy", counted)
+    sandbox = Sandbox(settings, backend=FakeBackend(prints_hello))
+    assert sorted(calls) == ["bash", "javascript", "python"]
+    assert set(sandbox.policies) == {"bash", "javascript", "python"}
+    assert sandbox.policies["bash"].max_memory_mb == 512
+
+    async def run_three() -> None:
+        async with sandbox:
+            for language in ("bash", "python", "python"):
+                await sandbox.execute("x", language=language, memory_mb=32)
+
+    anyio.run(run_three)
+    assert len(calls) == 3  # not once more per call
+
+
+def test_effective_limits_come_from_the_resolved_policies():
+    sandbox, _ = sandbox_with(prints_hello, language_limits={"bash": {"max_memory_mb": 512, "default_memory_mb": 64}})
+    assert sandbox.effective_limits(ExecutionRequest(code="x", language="bash")).memory_mb == 64
+    assert sandbox.effective_limits(ExecutionRequest(code="x")).memory_mb == 256
+    assert sandbox.effective_limits(ExecutionRequest(code="x")) == default_limits(sandbox.policies["python"])
+    with pytest.raises(LimitAboveCapError, match="cap of 512 MiB"):
+        sandbox.effective_limits(ExecutionRequest(code="x", language="bash", memory_mb=1024))
+    with pytest.raises(UnknownLanguageError, match="use one of: bash, javascript, python"):
+        sandbox.effective_limits(ExecutionRequest(code="x", language="cobol"))
+
+
+class RecordingBackend(FakeBackend):
+    """A backend built by name, as the Docker backend is: it keeps the policies it was handed."""
+
+    def __init__(self, settings: Settings, runtimes: dict, policies: dict) -> None:  # noqa: ARG002 - the signature
+        super().__init__()
+        self.policies = dict(policies)
+
+
+def test_the_backend_is_handed_each_languages_policy_as_resolved_once(monkeypatch):
+    monkeypatch.setitem(backends._BACKENDS, "docker", (__name__, "RecordingBackend"))
+    settings = Settings.load(backend="docker", language_limits={"bash": {"default_timeout_seconds": 7}})
+    sandbox = Sandbox(settings)
+    assert isinstance(sandbox.backend, RecordingBackend)
+    assert sandbox.backend.policies == dict(sandbox.policies)
+    assert all(sandbox.backend.policies[name] is policy for name, policy in sandbox.policies.items())
+    assert default_limits(sandbox.backend.policies["bash"]).timeout_seconds == 7
+    assert default_limits(sandbox.backend.policies["python"]).timeout_seconds == 30

@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from typing import TYPE_CHECKING
 
-import docker
-import docker.errors
-
+from codomyrmex_sandbox.backends.docker.labels import MANAGED
 from codomyrmex_sandbox.errors import EngineUnavailableError
+
+if TYPE_CHECKING:
+    from codomyrmex_sandbox.backends.docker.engine import Engine
 
 NETWORK_NAME = "codomyrmex-egress"
 BRIDGE = "cdmx-egress0"
@@ -52,8 +54,8 @@ def firewall_rules() -> list[tuple[str, list[str]]]:
     return rules
 
 
-def ensure_egress(client: docker.DockerClient) -> str:
-    """Create the egress network and its firewall rules if missing; returns the network's name."""
+def ensure_egress(engine: Engine) -> str:
+    """Blocking: create the egress network and its firewall rules if missing; returns the network's name."""
     iptables = shutil.which("iptables")
     if iptables is None:
         raise EngineUnavailableError(
@@ -61,21 +63,15 @@ def ensure_egress(client: docker.DockerClient) -> str:
             "the host and private networks, and it is missing; install it (`apt-get install iptables`) "
             'or set network = "none".'
         )
-    try:
-        client.networks.get(NETWORK_NAME)
-    except docker.errors.NotFound:
-        client.networks.create(
-            NETWORK_NAME,
-            driver="bridge",
-            internal=False,
-            enable_ipv6=False,
-            options={
-                "com.docker.network.bridge.name": BRIDGE,
-                "com.docker.network.bridge.enable_icc": "false",
-                "com.docker.network.bridge.enable_ip_masquerade": "true",
-            },
-            labels={"io.codomyrmex.sandbox.managed": "true"},
-        )
+    engine.ensure_network(
+        NETWORK_NAME,
+        options={
+            "com.docker.network.bridge.name": BRIDGE,
+            "com.docker.network.bridge.enable_icc": "false",
+            "com.docker.network.bridge.enable_ip_masquerade": "true",
+        },
+        labels={MANAGED: "true"},
+    )
     for chain, rule in firewall_rules():
         present = subprocess.run([iptables, "-C", chain, *rule], capture_output=True, check=False)  # noqa: S603
         if present.returncode == 0:

@@ -4,7 +4,8 @@ Each recipe builds ``FROM debian:bookworm-slim``. Where that base is not on the 
 pulled; where no registry answers (an air-gapped host), it is bootstrapped locally with
 ``debootstrap --variant=minbase`` and imported, so the same recipes serve both kinds of host.
 After a build, the image's version command runs in a locked-down container and its answer is
-stored as an image label, which the server reports as ``runtime`` in every result.
+stored as an image label, which the server reports as ``runtime`` in every result. Every engine
+call goes through `engine.Engine`, so its errors arrive already translated.
 """
 
 from __future__ import annotations
@@ -18,12 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import docker
-import docker.errors
-import requests.exceptions
-
-from codomyrmex_sandbox.backends.docker import connect
-from codomyrmex_sandbox.errors import BackendError, SandboxError
+from codomyrmex_sandbox.backends.docker.engine import Engine, connect
+from codomyrmex_sandbox.errors import BackendError, RuntimeUnavailableError, SandboxError
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
 
@@ -47,40 +44,34 @@ def build_runtimes(
     With ``prune``, images that earlier recipes of these runtimes built are untagged afterwards.
     Not the default: another checkout of the project on the same engine may still use them.
     """
-    client = connect(settings)
+    engine = connect(settings)
     try:
-        ensure_base_image(client, report, offline=offline)
-        versions = {name: _build_one(client, settings, spec, report, force=force) for name, spec in runtimes.items()}
+        ensure_base_image(engine, report, offline=offline)
+        versions = {name: _build_one(engine, settings, spec, report, force=force) for name, spec in runtimes.items()}
         for spec in runtimes.values() if prune else ():
-            _remove_stale(client, settings, spec, report)
-    except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
-        raise BackendError(f"building the runtime images failed: {exc}") from exc
+            _remove_stale(engine, settings, spec, report)
     finally:
-        client.close()
+        engine.close()
     return versions
 
 
-def ensure_base_image(client: docker.DockerClient, report: Report, *, offline: bool = False) -> None:
+def ensure_base_image(engine: Engine, report: Report, *, offline: bool = False) -> None:
     """Make sure ``debian:bookworm-slim`` is on the engine: present, pulled, or bootstrapped."""
-    try:
-        client.images.get(BASE_IMAGE)
-    except docker.errors.ImageNotFound:
-        pass
-    else:
+    if engine.image_labels(BASE_IMAGE) is not None:
         report(f"base image {BASE_IMAGE}: present")
         return
     if not offline:
         report(f"base image {BASE_IMAGE}: pulling")
         try:
-            client.images.pull(BASE_REPOSITORY, tag=BASE_TAG)
-        except (docker.errors.DockerException, requests.exceptions.RequestException) as exc:
+            engine.pull(BASE_REPOSITORY, BASE_TAG)
+        except SandboxError as exc:
             report(f"base image {BASE_IMAGE}: pull failed ({_first_line(exc)}); bootstrapping it locally")
         else:
             return
-    bootstrap_base_image(client, report)
+    bootstrap_base_image(engine, report)
 
 
-def bootstrap_base_image(client: docker.DockerClient, report: Report) -> None:
+def bootstrap_base_image(engine: Engine, report: Report) -> None:
     """debootstrap a minimal Debian bookworm and import it as the base image."""
     debootstrap = shutil.which("debootstrap")
     if debootstrap is None:
@@ -107,8 +98,8 @@ def bootstrap_base_image(client: docker.DockerClient, report: Report) -> None:
         with tarfile.open(archive, "w") as tar:
             tar.add(root, arcname=".")
         report(f"base image {BASE_IMAGE}: importing")
-        client.api.import_image(
-            src=str(archive),
+        engine.import_image(
+            str(archive),
             repository=BASE_REPOSITORY,
             tag=BASE_TAG,
             changes=[
@@ -118,56 +109,43 @@ def bootstrap_base_image(client: docker.DockerClient, report: Report) -> None:
         )
 
 
-def _build_one(
-    client: docker.DockerClient, settings: Settings, spec: RuntimeSpec, report: Report, *, force: bool
-) -> str:
+def _build_one(engine: Engine, settings: Settings, spec: RuntimeSpec, report: Report, *, force: bool) -> str:
     image = spec.image(settings.image_prefix)
-    if not force:
-        try:
-            labels = client.images.get(image).labels
-        except docker.errors.ImageNotFound:
-            pass
-        else:
-            version = str(labels.get(VERSION_LABEL, spec.name))
-            report(f"{spec.name}: {image} is up to date ({version})")
-            return version
+    labels = None if force else engine.image_labels(image)
+    if labels is not None:
+        version = str(labels.get(VERSION_LABEL, spec.name))
+        report(f"{spec.name}: {image} is up to date ({version})")
+        return version
     stage = f"{settings.image_prefix}-{spec.name}:build-{spec.digest}"
     report(f"{spec.name}: building {image}")
     # The context is the runtimes folder, so that every recipe can copy the shared files.
-    events = client.api.build(
-        path=str(spec.directory.parent),
-        dockerfile=f"{spec.name}/Dockerfile",
-        tag=stage,
-        rm=True,
-        forcerm=True,
-        pull=False,
-        decode=True,
+    events = engine.build(
+        path=str(spec.directory.parent), dockerfile=f"{spec.name}/Dockerfile", tag=stage, forcerm=True
     )
     for event in events:
         _report_build_event(spec.name, event, report)
-    version = _ask_version(client, stage, spec)
+    version = _ask_version(engine, stage, spec)
     labelled = f'FROM {stage}\nLABEL {VERSION_LABEL}="{version}" {LABEL_PREFIX}.runtime="{spec.name}"\n'
-    for event in client.api.build(fileobj=io.BytesIO(labelled.encode()), tag=image, rm=True, decode=True):
+    for event in engine.build(fileobj=io.BytesIO(labelled.encode()), tag=image):
         _report_build_event(spec.name, event, report)
-    client.api.remove_image(stage, noprune=True)
+    engine.remove_image(stage, noprune=True)
     report(f"{spec.name}: built {image} ({version})")
     return version
 
 
-def _remove_stale(client: docker.DockerClient, settings: Settings, spec: RuntimeSpec, report: Report) -> None:
+def _remove_stale(engine: Engine, settings: Settings, spec: RuntimeSpec, report: Report) -> None:
     """Untag images an earlier recipe of this runtime built (each can be a gigabyte); the engine frees
     their layers once nothing uses them. An image a running container uses stays until it ends."""
     current = spec.image(settings.image_prefix)
     repository = current.rsplit(":", 1)[0]
-    for image in client.images.list(name=repository):
-        for tag in image.tags:
-            if tag != current and tag.startswith(f"{repository}:"):
-                try:
-                    client.images.remove(tag, noprune=False)
-                except docker.errors.APIError as exc:  # in use: the next build tries again
-                    report(f"{spec.name}: kept stale image {tag} ({_first_line(exc)})")
-                else:
-                    report(f"{spec.name}: removed stale image {tag}")
+    for tag in engine.image_tags(repository):
+        if tag != current and tag.startswith(f"{repository}:"):
+            try:
+                engine.remove_image(tag, noprune=False)
+            except (BackendError, RuntimeUnavailableError) as exc:  # in use (or gone): the next build tries again
+                report(f"{spec.name}: kept stale image {tag} ({_first_line(exc)})")
+            else:
+                report(f"{spec.name}: removed stale image {tag}")
 
 
 def _report_build_event(name: str, event: dict[str, Any], report: Report) -> None:
@@ -178,11 +156,10 @@ def _report_build_event(name: str, event: dict[str, Any], report: Report) -> Non
         report(f"{name}: {line}")
 
 
-def _ask_version(client: docker.DockerClient, image: str, spec: RuntimeSpec) -> str:
-    out = client.containers.run(
+def _ask_version(engine: Engine, image: str, spec: RuntimeSpec) -> str:
+    out = engine.run(
         image,
-        list(spec.version_command),
-        remove=True,
+        spec.version_command,
         network_mode="none",
         cap_drop=["ALL"],
         security_opt=["no-new-privileges:true"],
@@ -190,7 +167,7 @@ def _ask_version(client: docker.DockerClient, image: str, spec: RuntimeSpec) -> 
         tmpfs={"/tmp": "size=16m"},  # noqa: S108 - inside the container
         user="65534:65534",
     )
-    version = (out.decode() if isinstance(out, bytes) else str(out)).strip().splitlines()
+    version = out.decode().strip().splitlines()
     if not version:
         raise BackendError(f"the {spec.name} image did not print a version")
     return version[0][:100].replace('"', "")

@@ -1,0 +1,126 @@
+"""One execution in a started sandbox: hand the code over, collect the output, and say how it ended.
+
+The output is read until the runner reports the program's end on both streams, the streams end,
+the deadline passes, or a stream passes the cap; the last two kill the sandbox. The evidence of the
+end is the runner's word with the kernel's OOM count where accounting works, else the engine's
+record (the exit code from the wait asked before the start, and its OOM flag while it has it).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeoutError
+from dataclasses import dataclass
+from functools import partial
+
+import anyio
+
+from codomyrmex_sandbox.backends.base import Evidence, Job
+from codomyrmex_sandbox.backends.docker.attach import Attachment
+from codomyrmex_sandbox.backends.docker.cgroups import CgroupAccounting
+from codomyrmex_sandbox.backends.docker.connection import EngineConnection
+from codomyrmex_sandbox.backends.docker.engine import Engine
+from codomyrmex_sandbox.errors import BackendError
+from codomyrmex_sandbox.output import OutputCollector, StreamName
+from codomyrmex_sandbox.runtimes import RuntimeSpec
+
+FINAL_STATE_TIMEOUT_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class Box:
+    """A created, attached and started sandbox whose runner waits for code on its stdin."""
+
+    cid: str
+    attachment: Attachment | None  # None until attached
+    runtime: RuntimeSpec
+    memory_mb: int
+    parent: str | None  # its accounting cgroup, when accounting works here
+    uid: int
+    # The engine's answer to "wait for the next exit", asked before the start: the engine removes
+    # the container itself once it stops, so its exit code must be asked for ahead of time.
+    exited: Future[int | None] | None = None
+
+    def waiting_for_code(self) -> bool:
+        """Alive and silent, as an idle pool member must be to be handed code (see `Attachment`)."""
+        return self.attachment is not None and self.attachment.waiting_for_code(self.exited)
+
+
+async def run(
+    box: Box,
+    job: Job,
+    payload: bytes,
+    collector: OutputCollector,
+    *,
+    connection: EngineConnection,
+    accounting: CgroupAccounting | None,
+) -> tuple[Evidence, float]:
+    """Hand the code over, collect output until the end, the deadline or the cap; kill on the last two.
+
+    Returns the evidence and the duration in milliseconds. The clock starts at the handover, not
+    when the sandbox was created. The end is the runner's exit trailer on both streams (everything
+    the program wrote has arrived), or, when the runner could not say so (killed, streams closed),
+    the end of the streams; waiting for the engine to tear the sandbox down is left to the
+    caller's cleanup, off the caller's clock.
+    """
+    attachment = box.attachment
+    if attachment is None:
+        raise BackendError("the sandbox was not attached; this is a bug, please report it.")
+    timed_out = capped = ended = runner_done = False
+    started = time.monotonic()
+    early_exit = accounting is not None  # the kernel's OOM count must be readable to skip the engine
+    send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](16)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(connection.thread, partial(attachment.read_frames, send))
+        tg.start_soon(connection.thread, partial(attachment.hand_over, payload))
+        try:
+            with receive, anyio.move_on_after(job.limits.timeout_seconds) as deadline:
+                async for stream, chunk in receive:
+                    await collector.feed(stream, chunk)
+                    if collector.over_cap:
+                        capped = True
+                        break
+                    if early_exit and collector.runner_done:
+                        runner_done = True
+                        break
+                else:
+                    ended = True
+            timed_out = deadline.cancelled_caught
+        finally:
+            # Hang up first: an engine that cannot deliver output would otherwise hold the
+            # kill until someone reads it. Then wake the worker threads.
+            attachment.hang_up()
+            if not (ended or runner_done):
+                # Kill the whole sandbox, not a process: daemons and children die with it.
+                with anyio.CancelScope(shield=True):
+                    await connection.use(Engine.kill, box.cid)
+    duration = (time.monotonic() - started) * 1000
+    await collector.finish()
+    if runner_done and accounting is not None and box.parent is not None:
+        # The program is over by the runner's word; the kernel's count says whether memory ran out.
+        oom = await connection.call(accounting.oom_kills, box.parent, box.cid)
+        if oom is not None:
+            return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
+    exit_code, oom_killed = await connection.call(_final_state, connection, box)
+    evidence = Evidence(exit_code=exit_code, oom_killed=oom_killed, timed_out=timed_out, output_capped=capped)
+    return evidence, duration
+
+
+def _final_state(connection: EngineConnection, box: Box) -> tuple[int | None, bool]:
+    """Worker thread: how the container ended: its exit code, and the engine's OOM flag while it still has it.
+
+    The exit code comes from the wait asked before the start (the engine removes the container
+    as soon as it stops). The OOM flag is only known while the container is not yet removed;
+    `DockerBackend.execute` also takes the kernel's OOM count and the memory peak as evidence.
+    """
+    if box.exited is None:
+        raise BackendError("the sandbox's exit was not being waited for; this is a bug, please report it.")
+    try:
+        exit_code = box.exited.result(timeout=FINAL_STATE_TIMEOUT_SECONDS)
+    except FutureTimeoutError as exc:
+        raise BackendError(
+            f"the engine did not report the sandbox's exit within {FINAL_STATE_TIMEOUT_SECONDS:g} s; "
+            "check the engine (`docker info`) and try again."
+        ) from exc
+    return exit_code, bool(connection.require().oom_killed(box.cid))
