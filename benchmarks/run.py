@@ -38,10 +38,11 @@ from codomyrmex_sandbox.runtimes import load_runtimes
 from codomyrmex_sandbox.server import build_server
 
 HELLO = {"python": "print(1)", "javascript": "console.log(1)", "bash": "echo 1"}
+# By absolute path: a PATH lookup can hit a version manager's shim, which costs ~100 ms by itself.
 HOST_COMMANDS = {
-    "python": ["python3", "-I", "-c", "print(1)"],
-    "javascript": ["node", "-e", "console.log(1)"],
-    "bash": ["bash", "-c", "echo 1"],
+    "python": ["/usr/bin/python3", "-I", "-c", "print(1)"],
+    "javascript": ["/usr/bin/node", "-e", "console.log(1)"],
+    "bash": ["/usr/bin/bash", "-c", "echo 1"],
 }
 IMAGE_COMMANDS = {
     "python": ["python3", "-I", "-c", "print(1)"],
