@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from codomyrmex_sandbox.backends.docker.engine import Engine, connect
-from codomyrmex_sandbox.errors import BackendError, RuntimeUnavailableError, SandboxError
+from codomyrmex_sandbox.errors import BackendError, ConfigurationError, RuntimeUnavailableError, SandboxError
 from codomyrmex_sandbox.runtimes import LABEL_PREFIX, VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import Settings
 
@@ -75,7 +75,7 @@ def bootstrap_base_image(engine: Engine, report: Report) -> None:
     """debootstrap a minimal Debian bookworm and import it as the base image."""
     debootstrap = shutil.which("debootstrap")
     if debootstrap is None:
-        raise SandboxError(
+        raise ConfigurationError(
             f"no registry answered and `debootstrap` is not installed, so {BASE_IMAGE} cannot be made; "
             "install it (`sudo apt-get install debootstrap`) and run "
             "`codomyrmex-sandbox runtimes build` again."
@@ -90,7 +90,7 @@ def bootstrap_base_image(engine: Engine, report: Report) -> None:
             check=False,
         )
         if done.returncode != 0:
-            raise SandboxError(
+            raise ConfigurationError(
                 f"debootstrap failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}; "
                 "it needs root and access to a Debian mirror."
             )
