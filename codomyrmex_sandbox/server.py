@@ -21,7 +21,7 @@ from mcp.shared.exceptions import MCPError
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import ExecutionResult, request_from_arguments
+from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request_from_arguments
 from codomyrmex_sandbox.output import StreamName
 from codomyrmex_sandbox.schema import input_schema
 from codomyrmex_sandbox.service import Sandbox
@@ -94,12 +94,16 @@ async def _call_execute(
     client = _client_name(ctx)
     # Always stream: the session sends nothing unless the caller gave a progress token, and an
     # in-process client's token is not visible in the request's metadata.
-    streamer = _ProgressStreamer(ctx, _progress_total(sandbox, arguments))
+    request, total = _validated(sandbox, arguments)
+    streamer = _ProgressStreamer(ctx, total)
     outcome: ExecutionResult | SandboxError
     async with anyio.create_task_group() as tg:
         tg.start_soon(streamer.run)
         try:
-            outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client)
+            if request is None:  # the service refuses it, audits the refusal, and says why
+                outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client)
+            else:
+                outcome = await sandbox.execute_request(request, on_output=streamer.add, client=client)
         except SandboxError as exc:  # caught here: a task group would wrap it in a group
             outcome = exc
         finally:
@@ -116,12 +120,14 @@ async def _call_execute(
     )
 
 
-def _progress_total(sandbox: Sandbox, arguments: dict[str, Any]) -> float | None:
-    """The timeout the call will run under, which progress counts up to; None for a call the service will refuse."""
+def _validated(sandbox: Sandbox, arguments: dict[str, Any]) -> tuple[ExecutionRequest | None, float | None]:
+    """The request (validated once, here) and the timeout progress counts up to; (None, None) when
+    the service will refuse the call, which then streams nothing."""
     try:
-        return sandbox.effective_limits(request_from_arguments(arguments)).timeout_seconds
+        request = request_from_arguments(arguments)
+        return request, sandbox.effective_limits(request).timeout_seconds
     except SandboxError:
-        return None  # refused before it starts: nothing is streamed
+        return None, None
 
 
 def _client_name(ctx: ServerRequestContext[Any]) -> str | None:
