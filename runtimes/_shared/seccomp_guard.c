@@ -1,7 +1,7 @@
 /*
  * seccomp-guard: the init of every sandbox, and the seccomp filter that everything in it runs under.
  *
- *     seccomp-guard --deadline SECONDS PROGRAM [ARGUMENT...]
+ *     seccomp-guard --deadline SECONDS [--lease] PROGRAM [ARGUMENT...]
  *     seccomp-guard PROGRAM [ARGUMENT...]
  *
  * Every sandbox starts its command through this program. It installs a filter that allows every
@@ -18,6 +18,15 @@
  * process in the container and exits 137, even if the server that started it is gone. Nothing
  * inside the container can stop that deadline; see supervise() for why. Without --deadline it
  * simply executes PROGRAM (no fork, no deadline).
+ *
+ * With --lease as well, the container's stdin is the server's lease on the sandbox, and the init
+ * keeps it for itself. The server writes one frame on it: the length of PROGRAM's input in decimal
+ * and a newline, then that many bytes, which the init passes to PROGRAM through a pipe (PROGRAM's
+ * stdin, which then reads EOF); the server then holds the stream open for as long as it wants the
+ * sandbox. When the stream ends, at any point, the server is done with the sandbox or gone
+ * (killed outright, its host connection lost): the init kills every process in the container and
+ * exits 137 at once, so that nothing outlives its server by more than the engine's teardown, even
+ * if no server ever starts again. A malformed frame ends the sandbox the same way (exit 126).
  *
  * The denied calls are the kernel interfaces that untrusted code has no use for and that keep
  * turning up in container escapes: mounting and namespaces, other processes' memory, eBPF,
@@ -37,13 +46,16 @@
 #include <sched.h>
 #include <seccomp.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/prctl.h>
+#include <poll.h>
 #include <sys/resource.h>
+#include <sys/signalfd.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -54,6 +66,8 @@
 #define DEADLINE_PASSED (128 + SIGKILL) /* what the engine reports for a container killed outright */
 #define MAX_DEADLINE_SECONDS 31536000.0 /* a year: anything longer is a mistake, not a deadline */
 #define NS_PER_SECOND 1000000000LL
+#define LEASE_LOST (128 + SIGKILL)
+#define MAX_FRAME_DIGITS 19 /* a length that fits in int64_t */
 
 /* Denied outright. Names, not numbers, so that the same list serves any architecture. */
 static const char *const denied[] = {
@@ -292,8 +306,13 @@ static double parse_deadline(const char *text) {
     return seconds;
 }
 
-/* Runs in the forked child: PROGRAM, with the signal mask the guard started with. */
-static void run_program(char *const program[], const sigset_t *mask) {
+/* Runs in the forked child: PROGRAM, with the signal mask the guard started with, and with the
+ * lease's relay pipe as its stdin when there is one (``input`` >= 0). */
+static void run_program(char *const program[], const sigset_t *mask, int input) {
+    if (input >= 0 && (dup2(input, STDIN_FILENO) < 0 || close(input) != 0)) {
+        fprintf(stderr, "seccomp-guard: cannot give the program its stdin: %s\n", strerror(errno));
+        _exit(GUARD_FAILED);
+    }
     if (sigprocmask(SIG_SETMASK, mask, NULL) != 0) {
         fprintf(stderr, "seccomp-guard: cannot restore the signal mask: %s\n", strerror(errno));
         _exit(GUARD_FAILED);
@@ -358,12 +377,12 @@ static int exit_status(int status) {
  *   container (kill, tgkill, pidfd_send_signal, to a process group or to -1) they are discarded
  *   before they are queued. The init can be neither killed nor stopped from inside.
  * - Every other signal is blocked here, and sig_ignored() never ignores a blocked signal: it is
- *   queued, and only ever taken off the queue by sigtimedwait() below, which forwards the
+ *   queued, and only ever taken off the queue by reading the signalfd below, which forwards the
  *   termination signals to PROGRAM and drops the rest. No signal runs a handler or a default
  *   action in the init (the init installs no handler, and the default actions never apply to a
  *   blocked signal). A flood of signals only wakes the loop, which checks the deadline each time.
  * - kill(-1, ...) skips PID 1 altogether (kill_something_info: only task_pid_vnr(p) > 1).
- * - The deadline is a timeout of sigtimedwait() measured on CLOCK_MONOTONIC, a kernel timer that
+ * - The deadline is a timeout of ppoll() measured on CLOCK_MONOTONIC, a kernel timer that
  *   the program cannot reach; the remaining time is computed again on every wake-up.
  * - The init shares the program's user id, which would let the program ptrace it or open
  *   /proc/1/mem and rewrite it: ptrace, process_vm_writev and kcmp are denied by the filter, and
@@ -374,27 +393,139 @@ static int exit_status(int status) {
  *   not_on_init). A fault in the init itself (a bug) clears SIGNAL_UNKILLABLE and kills it, and
  *   when PID 1 exits, the kernel kills every other process of the namespace.
  *
- * At the deadline it sends SIGKILL to every process of the namespace (stopped ones included) and
- * exits 137; its exit makes the kernel kill anything forked in between, and the container ends.
- * Two processes in all: this one and PROGRAM.
+ * - With --lease it also relays PROGRAM's input and watches the lease (see struct lease): it reads
+ *   the container's stdin, which no other process holds, whole and at once, and writes to PROGRAM's
+ *   stdin pipe without ever blocking; a PROGRAM that never reads its stdin stops only the relay.
+ *
+ * At the deadline, or when the lease ends, it sends SIGKILL to every process of the namespace
+ * (stopped ones included) and exits 137; its exit makes the kernel kill anything forked in
+ * between, and the container ends. Two processes in all: this one and PROGRAM.
  */
-static int supervise(double seconds, char *const program[]) {
+/*
+ * The lease (--lease): the container's stdin, held by the init alone. It carries one frame, the
+ * length of PROGRAM's input in decimal and a newline, then the input; then nothing, until it ends.
+ * Any end of it ends the sandbox. The input is read in whole as it arrives, whether or not PROGRAM
+ * reads its stdin: a full pipe anywhere between the server and the init would hold back the end of
+ * the stream behind it (the engine's copier blocks on it), so the lease is never left unread. It is
+ * relayed to PROGRAM's stdin pipe from memory, without ever blocking.
+ */
+struct lease {
+    int fd;            /* the container's stdin, or -1 without --lease */
+    int relay;         /* the write end of PROGRAM's stdin, or -1 once closed */
+    int64_t length;    /* the input's length; -1 while it is being read */
+    int64_t digits_value;
+    int digits;
+    char *input;       /* the input, ``length`` bytes */
+    int64_t received;  /* how much of it has arrived */
+    int64_t relayed;   /* how much of it PROGRAM was given */
+};
+
+static struct lease lease = {.fd = -1, .relay = -1, .length = -1};
+
+/* PROGRAM gets no more input: it has had all of it, or closed its stdin (the rest is then read
+ * and dropped). Closing the relay makes PROGRAM read EOF. */
+static void close_relay(void) {
+    close(lease.relay);
+    lease.relay = -1;
+    free(lease.input);
+    lease.input = NULL;
+}
+
+static void finish_input(void) {
+    if (lease.relay >= 0 && lease.length >= 0 && lease.relayed == lease.length) close_relay();
+}
+
+/* One byte of the frame's length; 0, or GUARD_FAILED when the length is malformed. */
+static int read_length_byte(char c) {
+    if (c == '\n' && lease.digits > 0) {
+        lease.length = lease.digits_value;
+        if (lease.length > 0) {
+            lease.input = malloc((size_t)lease.length);
+            if (lease.input == NULL) return GUARD_FAILED;
+        }
+        finish_input();
+        return 0;
+    }
+    if (c < '0' || c > '9' || lease.digits == MAX_FRAME_DIGITS) return GUARD_FAILED;
+    lease.digits_value = lease.digits_value * 10 + (c - '0');
+    lease.digits++;
+    return 0;
+}
+
+/* The lease has something to say (``revents``): 0 while it holds, else the init's exit status. */
+static int read_lease(short revents) {
+    if (!(revents & POLLIN)) return LEASE_LOST; /* ended (or failed) with nothing left to read */
+    char scratch[4096];
+    char *into = scratch;
+    size_t want = 1; /* the length, a byte at a time: nothing of the input is read with it */
+    const int64_t missing = lease.length - lease.received;
+    if (lease.length >= 0 && missing > 0 && lease.input != NULL) {
+        into = lease.input + lease.received;
+        want = (size_t)missing;
+    } else if (lease.length >= 0) { /* input PROGRAM will not get, or past the frame: dropped */
+        want = missing > 0 && (uint64_t)missing < sizeof scratch ? (size_t)missing : sizeof scratch;
+    }
+    const ssize_t n = read(lease.fd, into, want);
+    if (n < 0) return errno == EAGAIN || errno == EINTR ? 0 : LEASE_LOST;
+    if (n == 0) return LEASE_LOST;
+    if (lease.length < 0) return read_length_byte(scratch[0]);
+    if (missing > 0) lease.received += n;
+    return 0;
+}
+
+/* Gives PROGRAM what has arrived, never blocking. A PROGRAM that closed its stdin (or ended) gets
+ * no more: the rest of its input is read and dropped. */
+static void relay_input(void) {
+    const ssize_t n = write(lease.relay, lease.input + lease.relayed, (size_t)(lease.received - lease.relayed));
+    if (n > 0) {
+        lease.relayed += n;
+        finish_input();
+    } else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+        close_relay();
+    }
+}
+
+/* Whether there is input for PROGRAM that it has not had yet. */
+static bool relay_pending(void) {
+    return lease.relay >= 0 && lease.relayed < lease.received;
+}
+
+/* Before the fork, with --lease: PROGRAM's stdin pipe (its read end is returned) and the init's
+ * own hold on the container's stdin. Both of the init's descriptors are closed on exec. */
+static int take_lease(void) {
+    int pipe_fds[2];
+    if (pipe2(pipe_fds, O_CLOEXEC) != 0) fail("creating the stdin pipe failed: %s", strerror(errno));
+    lease.relay = pipe_fds[1];
+    lease.fd = fcntl(STDIN_FILENO, F_DUPFD_CLOEXEC, 3);
+    if (lease.fd < 0) fail("keeping the lease failed: %s", strerror(errno));
+    if (fcntl(lease.relay, F_SETFL, O_NONBLOCK) != 0 || fcntl(lease.fd, F_SETFL, O_NONBLOCK) != 0) {
+        fail("making the lease non-blocking failed: %s", strerror(errno));
+    }
+    return pipe_fds[0];
+}
+
+static int supervise(double seconds, bool leased, char *const program[]) {
     const int64_t start = monotonic_ns();
     if (start == INT64_MAX) fail("reading CLOCK_MONOTONIC failed: %s", strerror(errno));
     const int64_t deadline = start + (int64_t)(seconds * (double)NS_PER_SECOND);
 
-    /* Block everything before the fork: no signal meant for the init is lost in between. */
+    /* Block everything before the fork: no signal meant for the init is lost in between. Signals
+     * are then read from a signalfd, and only there. */
     sigset_t all, original;
     sigfillset(&all);
     if (sigprocmask(SIG_SETMASK, &all, &original) != 0) fail("blocking the signals failed: %s", strerror(errno));
+    const int signals = signalfd(-1, &all, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (signals < 0) fail("signalfd failed: %s", strerror(errno));
     /* Before the fork too, so that PROGRAM never sees a dumpable init; its own execve() makes it
      * dumpable again as usual. */
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) fail("PR_SET_DUMPABLE failed: %s", strerror(errno));
+    const int input = leased ? take_lease() : -1;
 
     const pid_t child = fork();
     if (child < 0) fail("fork failed: %s", strerror(errno));
-    if (child == 0) run_program(program, &original);
+    if (child == 0) run_program(program, &original, input);
 
+    if (input >= 0) close(input);
     detach_stdio();
     for (;;) {
         /* Orphans are re-parented to PID 1: reap them all, and stop when PROGRAM has ended. */
@@ -411,26 +542,50 @@ static int supervise(double seconds, char *const program[]) {
             _exit(DEADLINE_PASSED);
         }
         const struct timespec timeout = {.tv_sec = remaining / NS_PER_SECOND, .tv_nsec = remaining % NS_PER_SECOND};
-        siginfo_t info;
-        const int sig = sigtimedwait(&all, &info, &timeout);
-        if (sig < 0) {
-            if (errno == EAGAIN || errno == EINTR) continue; /* the time is up, or woken: look again */
-            init_failed("sigtimedwait");
+        struct pollfd watched[3] = {
+            {.fd = signals, .events = POLLIN, .revents = 0},
+            {.fd = lease.fd, .events = POLLIN, .revents = 0}, /* -1 (ignored) without --lease */
+            {.fd = relay_pending() ? lease.relay : -1, .events = POLLOUT, .revents = 0},
+        };
+        if (ppoll(watched, 3, &timeout, NULL) < 0) {
+            if (errno == EINTR) continue;
+            init_failed("ppoll");
         }
-        for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) {
-            if (sig == forwarded[i]) kill(child, sig);
+        if (watched[0].revents & POLLIN) {
+            /* A bounded number per wake-up: a flood of queued signals cannot keep the loop from its
+             * deadline and its lease. */
+            struct signalfd_siginfo info;
+            for (int taken = 0; taken < 64 && read(signals, &info, sizeof info) == (ssize_t)sizeof info; taken++) {
+                for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) {
+                    if ((int)info.ssi_signo == forwarded[i]) kill(child, (int)info.ssi_signo);
+                }
+            }
         }
+        if (watched[1].revents) {
+            const int ending = read_lease(watched[1].revents);
+            if (ending != 0) {
+                kill(-1, SIGKILL);
+                _exit(ending);
+            }
+        }
+        if (watched[2].revents || relay_pending()) relay_input();
     }
 }
 
 int main(int argc, char *argv[]) {
-    const char *usage = "usage: seccomp-guard [--deadline SECONDS] PROGRAM [ARGUMENT...]";
+    const char *usage = "usage: seccomp-guard [--deadline SECONDS [--lease]] PROGRAM [ARGUMENT...]";
     double deadline = 0;
+    bool leased = false;
     int first = 1;
     if (argc >= 2 && strcmp(argv[1], "--deadline") == 0) {
         if (argc < 4) fail("%s", usage);
         deadline = parse_deadline(argv[2]);
         first = 3;
+        if (strcmp(argv[first], "--lease") == 0) {
+            leased = true;
+            first++;
+            if (first >= argc) fail("%s", usage);
+        }
         /* The deadline holds only for the namespace's init (see supervise): under another init it
          * could be stopped, so refuse rather than pretend. */
         if (getpid() != 1) fail("--deadline makes the guard the container's init: it must run as PID 1 (no --init)");
@@ -441,7 +596,7 @@ int main(int argc, char *argv[]) {
     /* Before the fork: the init and PROGRAM both run under the filter. */
     install_filter();
 
-    if (deadline > 0) return supervise(deadline, &argv[first]);
+    if (deadline > 0) return supervise(deadline, leased, &argv[first]);
 
     execvp(argv[first], &argv[first]);
     int error = errno;

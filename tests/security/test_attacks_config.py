@@ -56,6 +56,8 @@ def check_hardened(info: dict, server_pid: int, memory_mb: int) -> list[str]:
         "AutoRemove": (host.get("AutoRemove"), True),
         "deadline": (config["Cmd"][1:3], ["--deadline", config["Cmd"][2]]),
         "deadline is a number": (config["Cmd"][2].isdigit(), True),
+        # The container's stdin is the server's lease: its end (the server gone) ends the sandbox.
+        "lease": (config["Cmd"][3], "--lease"),
         "Binds": (host.get("Binds") or [], []),
         "HostConfig.Mounts": (host.get("Mounts") or [], []),
         "Mounts": (info.get("Mounts") or [], []),

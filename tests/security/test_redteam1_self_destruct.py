@@ -1,19 +1,23 @@
-"""Red-team round 1, finding 3: a deadline the sandbox cannot stop, and nothing left by a dead server.
+"""Red-team round 1, finding 3: nothing outlives a dead server, whatever the sandbox does.
 
 The self-destruct used to be `timeout -s KILL N`, a process of the sandbox user: the program could
 SIGSTOP it, and with the server SIGKILLed its container ran on for good, while the warm sandboxes
 stayed behind as stopped containers until some other server started. Now the sandbox's init (the
-seccomp guard, PID 1) enforces the deadline, which no process inside can signal or stop, and the
-engine removes every container once it stops (auto-remove): a SIGKILLed server leaves nothing after
-``timeout + kill_grace_seconds`` (warm sandboxes: their age limit plus the largest timeout), with no
-server started again.
+seccomp guard, PID 1), which no process inside can signal or stop, holds the server's lease: the
+container's stdin, whose end (the server killed outright, say) makes it kill everything at once;
+and the engine removes every container once it stops (auto-remove). A SIGKILLed server leaves
+nothing behind within seconds, far inside ``kill_grace_seconds``, with no server started again.
+The deadline (``timeout + kill_grace_seconds``) still bounds a sandbox whose server lives on but
+lost track of it: tests/security/test_redteam1_vsock_and_deadline.py checks it without a lease.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
+from typing import Any
 
 import anyio
 import pytest
@@ -22,9 +26,11 @@ from tests.support import ACTIVE_SERVERS
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 
-TIMEOUT = 3
-GRACE = 1
-POOL_AGE = 2
+# Long enough that no deadline can be what removes the sandboxes: only the lease can.
+TIMEOUT = 120
+GRACE = 30
+POOL_AGE = 120
+LEASE_BOUND = 10.0  # seconds from the kill until the engine has removed every started sandbox
 SETTINGS = {
     "CODOMYRMEX_SANDBOX_KILL_GRACE_SECONDS": str(GRACE),
     "CODOMYRMEX_SANDBOX_POOL_MAX_AGE_SECONDS": str(POOL_AGE),
@@ -60,45 +66,40 @@ def _state(pid: int) -> str | None:
         return None
 
 
-async def test_a_program_that_stops_every_process_cannot_outlive_its_deadline_even_with_its_server_dead(
-    launcher, engine, measure
-):
-    failures: list[BaseException] = []
+async def _kill_server_during(
+    launcher: Any, engine: Any, code: str, needle: str, **arguments: Any
+) -> tuple[int, str, float]:
+    """Start a server, let its warm pool fill, run ``code`` until ``needle`` runs in its sandbox, then
+    SIGKILL the server; its pid, the call's container and when it was killed."""
     async with launcher(check_on_close=False, **SETTINGS) as doomed:
         owner = doomed.pid
         await engine.wait_for_warm_pool(owner)
         async with anyio.create_task_group() as tg:
 
-            async def stopper() -> None:
-                try:
-                    await doomed.call({"code": STOP_EVERYTHING, "timeout_seconds": TIMEOUT})
-                except Exception as exc:  # noqa: BLE001 - the server dying under the call is the point
-                    failures.append(exc)
+            async def call() -> None:
+                with contextlib.suppress(Exception):  # the server dying under the call is the point
+                    await doomed.call({"code": code, "timeout_seconds": TIMEOUT, **arguments})
 
-            tg.start_soon(stopper)
-            container, gate = await engine.wait_for_process(owner, "sleep 60.0303")
-            # Wait until the program has stopped the gate, as it stops everything else.
-            stopped_by = time.monotonic() + 10
-            while _state(gate.pid) not in {"T", None}:
-                assert time.monotonic() < stopped_by, "the program never stopped its own child"
-                await anyio.sleep(0.01)
+            tg.start_soon(call)
+            container, process = await engine.wait_for_process(owner, needle)
+            if needle == "sleep 60.0303":  # wait until the program has stopped it, as it stops everything
+                stopped_by = time.monotonic() + 10
+                while _state(process.pid) not in {"T", None}:
+                    assert time.monotonic() < stopped_by, "the program never stopped its own child"
+                    await anyio.sleep(0.01)
             os.kill(owner, signal.SIGKILL)
-            killed_at = time.monotonic()
-    left_by_the_crash = {c["Id"] for c in engine.containers(owners={owner})}
-    assert container in left_by_the_crash, "the test needs the stopped sandbox to outlive its server"
-    assert len(left_by_the_crash) >= 4, "the warm sandboxes should outlive the server too"
-    assert not ACTIVE_SERVERS, "no server may run: one would sweep the dead server's sandboxes"
+            return owner, container, time.monotonic()
 
-    # The call's sandbox: its deadline is TIMEOUT + GRACE after it started; the warm ones: their age
-    # limit plus the largest timeout plus GRACE after they were created. Plus the engine's removal.
+
+async def _nothing_started_remains(engine: Any, owner: int, killed_at: float, measure: Any, name: str) -> None:
+    assert not ACTIVE_SERVERS, "no server may run: one would sweep the dead server's sandboxes"
     # A pool member the server had created but not yet started when it died never runs, so it never
     # stops and auto-remove never applies: it is inert (no process) and left to the next sweep of any
     # server on the host, which its expires-at label allows (SECURITY.md, "In-container self-destruct").
-    deadline = time.monotonic() + POOL_AGE + TIMEOUT + GRACE + 10
     while started := [c for c in engine.containers(owners={owner}) if c.get("State") != "created"]:
-        assert time.monotonic() < deadline, f"started sandboxes of the killed server remain: {started}"
+        assert time.monotonic() < killed_at + LEASE_BOUND, f"started sandboxes of the killed server remain: {started}"
         await anyio.sleep(0.05)
-    measure("all_started_removed_after_server_kill_seconds", round(time.monotonic() - killed_at, 3))
+    measure(name, round(time.monotonic() - killed_at, 3))
     never_started = engine.containers(owners={owner})
     measure("created_never_started_left", len(never_started))
     assert all(not engine.sandbox_processes(owner).get(c["Id"]) for c in never_started)
@@ -106,3 +107,26 @@ async def test_a_program_that_stops_every_process_cannot_outlive_its_deadline_ev
         engine.api.remove_container(container["Id"], force=True)
     assert engine.orphan_processes() == []
     assert not ACTIVE_SERVERS
+
+
+async def test_a_program_that_stops_every_process_dies_with_its_server(launcher, engine, measure):
+    owner, _, killed_at = await _kill_server_during(launcher, engine, STOP_EVERYTHING, "sleep 60.0303")
+    await _nothing_started_remains(engine, owner, killed_at, measure, "all_started_removed_after_server_kill_seconds")
+
+
+# A program that never reads the megabyte of stdin it was given (so the init's relay to it is stuck,
+# full) and leaves a daemon behind in a session of its own that ignores every signal it can.
+DAEMON = "import signal, time\\n[signal.signal(s, signal.SIG_IGN) for s in (1, 2, 15)]\\ntime.sleep(60.0404)"
+IGNORE_STDIN_AND_HIDE = f"""
+import signal, subprocess, time
+subprocess.Popen(["python3", "-c", "{DAEMON}"], start_new_session=True, stdin=subprocess.DEVNULL)
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+time.sleep(60.0505)
+"""
+
+
+async def test_a_program_that_never_reads_its_stdin_and_hides_a_daemon_dies_with_its_server(launcher, engine, measure):
+    owner, _, killed_at = await _kill_server_during(
+        launcher, engine, IGNORE_STDIN_AND_HIDE, "60.0404", stdin="x" * (1024 * 1024 - 1)
+    )
+    await _nothing_started_remains(engine, owner, killed_at, measure, "unread_stdin_removed_after_server_kill_seconds")

@@ -164,14 +164,18 @@ async def test_hanging_up_wakes_a_reader_blocked_on_a_silent_sandbox():
             assert await read_all(attachment) == []
 
 
-def test_the_payload_is_handed_over_and_then_stdin_ends():
+def test_the_payload_is_handed_over_in_one_frame_and_the_lease_stays_open():
     ours, theirs = socket.socketpair()
     with ours, theirs:
         Attachment(ours).hand_over(b"header\ncode")
+        expected = b"11\nheader\ncode"
         received = b""
-        while chunk := theirs.recv(100):
-            received += chunk
-        assert received == b"header\ncode"
+        while len(received) < len(expected):
+            received += theirs.recv(100)
+        assert received == expected
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):  # no end of stream: the sending side is the lease
+            theirs.recv(100)
 
 
 def test_a_pool_member_is_usable_only_while_alive_and_silent():

@@ -111,10 +111,10 @@ def test_the_guard_is_the_init_and_the_engine_removes_the_container_once_it_stop
     assert host["AutoRemove"] is True
 
 
-def test_the_guard_runs_the_runner_with_a_deadline_of_the_lifetime_plus_the_grace():
+def test_the_guard_runs_the_runner_with_a_deadline_of_the_lifetime_plus_the_grace_and_the_lease():
     spec = spec_of(kill_grace_seconds=30)
-    guard, flag, deadline, *command = spec.command
-    assert (guard, flag, deadline) == (SECCOMP_GUARD, "--deadline", "35")
+    guard, flag, deadline, lease, *command = spec.command
+    assert (guard, flag, deadline, lease) == (SECCOMP_GUARD, "--deadline", "35", "--lease")
     assert command == ["python3", "-I", "/opt/codomyrmex/runner.py"]
 
 

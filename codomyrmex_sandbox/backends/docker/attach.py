@@ -1,10 +1,14 @@
 """The hijacked attach stream of one sandbox: its stdin going in, its stdout and stderr coming out.
 
 The engine hands over the container's streams as one socket, attached before the start so that no
-output is lost. The runner's input (header, code, stdin) is written on it and then half-closed, so
-the program reads EOF; the output comes back multiplexed in frames, each an 8-byte header (the
-stream, 1 or 2; three zero bytes; the length, big-endian) and the data. Hanging up (shutting the
-socket down both ways) is how the host stops listening and wakes any thread blocked on it.
+output is lost. The runner's input (header, code, stdin) is written on it in one frame, its length
+in decimal and a newline first: the sandbox's init passes exactly that much to the program, which
+then reads EOF. The socket's sending side then stays open: it is this server's lease on the
+sandbox, and when it closes (a hang-up, or this process dying however it dies) the engine closes
+the container's stdin and the init kills everything in the sandbox (runtimes/_shared/seccomp_guard.c,
+``--lease``). The output comes back multiplexed in frames, each an 8-byte header (the stream, 1 or
+2; three zero bytes; the length, big-endian) and the data. Hanging up (shutting the socket down
+both ways) is how the host stops listening, ends the lease and wakes any thread blocked on it.
 
 This module is the only one that touches the socket itself: docker-py exposes the hijacked socket
 only through a private attribute of its wrapper. Its methods block; run them in worker threads,
@@ -40,10 +44,12 @@ class Attachment:
         self._raw: socket.socket = getattr(stream, "_sock", stream)
 
     def hand_over(self, payload: bytes) -> None:
-        """Worker thread: send the runner's input, then end it so the program reads EOF."""
+        """Worker thread: send the runner's input as one frame; the program reads EOF at its end.
+
+        The sending side stays open: it is the lease (see the module docstring).
+        """
         try:
-            self._raw.sendall(payload)
-            self._raw.shutdown(socket.SHUT_WR)
+            self._raw.sendall(b"%d\n" % len(payload) + payload)
         except OSError:
             return  # the sandbox ended before reading all of its stdin
 

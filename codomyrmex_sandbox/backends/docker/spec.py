@@ -22,7 +22,9 @@ WORKDIR = "/sandbox"
 # Every sandbox starts through this program (runtimes/_shared/seccomp_guard.c): it installs the
 # project's seccomp filter, stacked on the engine's default profile, and is the sandbox's init
 # (PID 1): it runs the command as its child and ends the whole sandbox at the deadline, which no
-# process of the sandbox can stop (see SECURITY.md, "In-container self-destruct").
+# process of the sandbox can stop (see SECURITY.md, "In-container self-destruct"). With --lease it
+# keeps the container's stdin for itself: the runner's input arrives framed on it (`attach`), and
+# the stream's end, however it comes (this server killed outright too), ends the whole sandbox.
 SECCOMP_GUARD = "/opt/codomyrmex/seccomp-guard"
 OOM_SCORE_ADJ = 500  # the kernel's OOM killer picks a sandbox before the host's own processes
 
@@ -108,7 +110,7 @@ def container_spec(
         host_config["CgroupParent"] = cgroup_parent
     return ContainerSpec(
         image=runtime.image(settings.image_prefix),
-        command=(SECCOMP_GUARD, "--deadline", str(self_destruct_seconds(lifetime, settings)), *runtime.command),
+        command=(SECCOMP_GUARD, "--deadline", str(self_destruct_seconds(lifetime, settings)), "--lease", *runtime.command),
         user=f"{uid}:{uid}",
         name=container_name(uid),
         labels={**labels, LABEL_UID: str(uid)},
