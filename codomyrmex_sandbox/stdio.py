@@ -39,14 +39,44 @@ async def serve_stdio(sandbox: Sandbox) -> None:
         open(os.dup(0), encoding="utf-8", errors="replace", closefd=True),  # noqa: SIM115, PTH123, ASYNC230 - a dup, never blocks
         max_message_chars(sandbox),
     )
-    async with stdio_server(stdin=stdin) as (read_stream, write_stream), anyio.create_task_group() as tg:
+    async with stdio_server(stdin=stdin) as (read_stream, stdout), anyio.create_task_group() as tg:
+        # Everything bound for stdout passes the gate, which drops it once stdin has closed.
+        write_stream, gated = anyio.create_memory_object_stream[SessionMessage](0)
+        tg.start_soon(_gate, gated, stdout, stdin)
         # Lines that are not JSON-RPC messages reach the server as exceptions, which the SDK drops
         # without an answer: a client waiting on that id would wait forever. Answer them here.
         checked_send, checked_receive = anyio.create_memory_object_stream[SessionMessage | Exception](0)
-        tg.start_soon(_answer_malformed, read_stream, checked_send, write_stream)
-        tg.start_soon(_answer_rejected, stdin.rejected, write_stream)
-        await server.run(checked_receive, write_stream, server.create_initialization_options())
+        tg.start_soon(_answer_malformed, read_stream, checked_send, write_stream.clone())
+        tg.start_soon(_answer_rejected, stdin.rejected, write_stream.clone())
+        async with write_stream:
+            await server.run(checked_receive, write_stream.clone(), server.create_initialization_options())
         tg.cancel_scope.cancel()
+
+
+async def _gate(
+    outgoing: MemoryObjectReceiveStream[SessionMessage],
+    stdout: MemoryObjectSendStream[SessionMessage],
+    stdin: _StdinLines,
+) -> None:
+    """Pass messages to stdout until stdin closes; then drop them.
+
+    A client closes stdin when it is done (mcp 1.x does so on exit, then stops reading): the SDK
+    would still answer the calls in flight with "Connection closed" errors, and every write to a
+    pipe nobody reads breaks the client's reader or blocks the server. Once stdin has closed the
+    calls in flight are cancelled, their sandboxes removed, and the server exits without a word.
+    """
+    dropped = 0
+    async with outgoing, stdout:
+        async for message in outgoing:
+            if stdin.closed:
+                dropped += 1
+                continue
+            try:
+                await stdout.send(message)
+            except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+                dropped += 1
+    if dropped:
+        get_logger(_LOGGER).info("messages_not_sent", count=dropped, reason="stdin closed")
 
 
 def max_message_chars(sandbox: Sandbox) -> int:
@@ -72,11 +102,15 @@ class _StdinLines(anyio.AsyncFile[str]):
     def __init__(self, fp: Any, max_chars: int) -> None:  # noqa: ANN401 - a text file
         super().__init__(fp)
         self.max_chars = max_chars
+        self.closed = False  # set once stdin has reached its end (see `_gate`)
         self.rejected_send, self.rejected = anyio.create_memory_object_stream[types.JSONRPCError](64)
 
     async def readline(self) -> str:
         while True:
             line, invalid_id = await anyio.to_thread.run_sync(self._read_line, abandon_on_cancel=True)
+            if not line:  # the client closed stdin: from now on nothing is written to stdout
+                self.closed = True
+                return line
             if len(line) >= self.max_chars and not line.endswith("\n"):
                 await self._reject_oversized(line)
                 continue

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,10 +17,12 @@ import pytest
 
 from codomyrmex_sandbox import Sandbox, Settings
 from codomyrmex_sandbox.backends.docker import LABEL_EXPIRES, LABEL_HOST, LABEL_PID, MANAGED
+from tests.support import console_script, server_environment
 
 pytestmark = pytest.mark.docker
 
 SLEEPER = "import subprocess\nsubprocess.run(['sleep', '63'])"
+INITIALIZE = {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "mcp1-like", "version": "1"}}
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -49,6 +52,49 @@ async def test_a_signal_kills_running_sandboxes_removes_warm_ones_and_ends_the_s
     assert removed
     assert left == [], "warm or running sandboxes outlived the server"
     assert failures, "the call completed although its server was stopped"
+
+
+# What an mcp 1.x client does when it is done: it closes the server's stdin, stops reading, and
+# kills the server if it has not exited within 2 s. Anything the server writes after the close
+# broke those clients' readers (BrokenResourceError), and a slow exit got the server SIGKILLed.
+MCP1_GRACE_SECONDS = 2.0
+
+
+async def test_after_stdin_closes_nothing_more_is_written_and_the_server_exits_promptly_leaving_nothing(engine):
+    lines = [
+        {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": INITIALIZE},
+        {"jsonrpc": "2.0", "method": "notifications/initialized"},
+        {
+            "jsonrpc": "2.0",
+            "id": 2,
+            "method": "tools/call",
+            "params": {"name": "execute_code", "arguments": {"code": SLEEPER, "timeout_seconds": 60}},
+        },
+    ]
+    async with await anyio.open_process(
+        [console_script()], env=server_environment(), stderr=subprocess.DEVNULL
+    ) as server:
+        assert server.stdin is not None and server.stdout is not None
+        await server.stdin.send(b"".join(json.dumps(line).encode() + b"\n" for line in lines))
+        answered = b""
+        while b"\n" not in answered:  # the initialize result
+            answered += await server.stdout.receive()
+        await engine.wait_for_process(server.pid, "sleep 63")
+        await server.stdin.aclose()
+        closed_at = time.monotonic()
+        after_close = answered.partition(b"\n")[2]
+        with anyio.fail_after(10):
+            with contextlib.suppress(anyio.EndOfStream):
+                while True:
+                    after_close += await server.stdout.receive()
+            status = await server.wait()
+        exit_seconds = time.monotonic() - closed_at
+        left = engine.containers(owners={server.pid})
+
+    assert after_close == b"", f"the server wrote after stdin closed: {after_close[:300]!r}"
+    assert status == 0
+    assert exit_seconds < MCP1_GRACE_SECONDS, f"the server took {exit_seconds:.2f} s to exit"
+    assert left == [], "sandboxes outlived the server"
 
 
 def _alive(pid: int) -> bool:
