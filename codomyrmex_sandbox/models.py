@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import math
+import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from codomyrmex_sandbox.errors import InvalidRequestError
+from codomyrmex_sandbox.excerpt import Excerpt, excerpt
 
 MIB = 1024 * 1024
 
@@ -39,14 +43,136 @@ class Status(StrEnum):
 FROM_SETTINGS = "x-from-settings"
 
 
-class ExecutionRequest(BaseModel):
+# -- every tool's arguments: strict types, with the lenient forms that mean one thing -------------
+#
+# Client libraries send arguments in forms that a strict validator refuses although each means one
+# thing: converters in strict mode send every field, ``null`` for those the model left unset; a
+# model writes ``64.0`` for an integer; some clients send a number as the string it was typed as
+# (the MCP Inspector CLI, unless the type is exactly "number"/"integer"; models that quote numbers).
+# These are accepted; anything else is refused with a message that says what to send.
+# A tool's argument model derives from `ToolArguments` and ends each number's annotations with
+# `LENIENT_INT` or `LENIENT_NUMBER`, after its bounds: ``Annotated[int, Field(ge=16), LENIENT_INT]``
+# (bounds placed after it are still checked but leave the schema without ``minimum``/``maximum``,
+# which `schema.flat_schema` then refuses). `validate_arguments` turns its validation errors into
+# one `InvalidRequestError`.
+
+# A numeric string holds exactly one JSON number: no spaces, sign "+", units, hex, NaN or infinity.
+_JSON_NUMBER = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+_SHOWN_CHARS = 40  # how much of a refused string a message quotes
+
+
+def _refused(message: str, **context: object) -> PydanticCustomError:
+    return PydanticCustomError("lenient_number", message, context)
+
+
+def _number(value: object) -> int | float:
+    """The number ``value`` stands for: an int or a finite float, as itself or as a numeric string."""
+    if isinstance(value, bool):  # before int: a bool is an int in Python, never a number in JSON
+        raise _refused("Input should be a number, not a boolean")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise _refused("Input should be a finite number, not NaN or infinity")
+        return value
+    if isinstance(value, str):
+        return _numeric_string(value)
+    raise _refused("Input should be a number, not {kind}", kind=_kind(value))
+
+
+def _numeric_string(value: str) -> int | float:
+    if _JSON_NUMBER.fullmatch(value) is None:
+        shown = value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+        raise _refused(
+            "Input should be a number; the string {shown} is not one (send a plain number such as 30, or a "
+            'string holding only one, such as "30")',
+            shown=repr(shown),
+        )
+    try:
+        number: int | float = float(value) if any(mark in value for mark in ".eE") else int(value)
+    except ValueError:  # more digits than Python converts (4300): far above every cap anyway
+        raise _refused("Input should be a number of at most 4300 digits") from None
+    if not math.isfinite(number):  # "1e999"
+        raise _refused("Input should be a finite number; {shown} is too large", shown=repr(value))
+    return number
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return "null" if value is None else type(value).__name__
+
+
+def _lenient_int(value: object) -> int:
+    number = _number(value)
+    if isinstance(number, float):
+        if not number.is_integer():
+            raise _refused("Input should be a whole number, not {value}", value=number)
+        return int(number)
+    return number
+
+
+def _lenient_float(value: object) -> float:
+    return float(_number(value))
+
+
+# An integer argument accepts a whole-number float (``64.0``) or a numeric string (``"64"``, ``"64.0"``).
+LENIENT_INT = BeforeValidator(_lenient_int)
+# A number argument accepts a numeric string (``"5"`` is 5.0).
+LENIENT_NUMBER = BeforeValidator(_lenient_float)
+
+
+class ToolArguments(BaseModel):
+    """The base of every tool's argument model: strict types, unknown arguments refused, and
+    ``null`` for an optional argument meaning its default (a required one stays refused)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_the_default(cls, data: object) -> object:
+        if not isinstance(data, Mapping):
+            return data
+        fields = cls.model_fields
+        return {
+            name: value
+            for name, value in data.items()
+            if value is not None or name not in fields or fields[name].is_required()
+        }
+
+
+ArgumentsT = TypeVar("ArgumentsT", bound=ToolArguments)
+
+
+def validate_arguments(model: type[ArgumentsT], arguments: Mapping[str, Any]) -> ArgumentsT:
+    """Validate a tool's (or the Python API's) arguments; raises InvalidRequestError naming each wrong one."""
+    try:
+        return model.model_validate(dict(arguments))
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False, include_input=False):
+            where = ".".join(str(part) for part in err["loc"]) or "arguments"
+            if err["type"] == "extra_forbidden":
+                problems.append(f"unknown argument {where!r} (accepted: {', '.join(model.model_fields)})")
+            else:
+                problems.append(f"{where}: {err['msg']}")
+        raise InvalidRequestError("invalid arguments: " + "; ".join(problems) + ".") from exc
+
+
+# The smallest timeout a call may ask for: a real, inclusive bound, so that the schema's ``minimum``
+# and the server's check are the same rule (converters refuse ``exclusiveMinimum``).
+MIN_TIMEOUT_SECONDS = 0.001
+
+
+class ExecutionRequest(ToolArguments):
     """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy.
 
     The tool's input schema is generated from this model: its descriptions are templates over the
     policy's fields (`LimitPolicy`), and `FROM_SETTINGS` says which of the operator's values bound a field.
+    An optional field's description states its default (the schema carries no ``default`` keyword).
     """
-
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     code: str = Field(
         description="The program to run, UTF-8 source of at most {max_code_bytes} bytes.",
@@ -55,7 +181,7 @@ class ExecutionRequest(BaseModel):
     )
     language: str = Field(
         default="python",
-        description="The runtime to run the code in.",
+        description="The runtime to run the code in. Default python.",
         json_schema_extra={FROM_SETTINGS: {"enum": "languages"}},
     )
     stdin: str | None = Field(
@@ -63,14 +189,16 @@ class ExecutionRequest(BaseModel):
         description="Text for the program's standard input; without it the program reads EOF.",
         json_schema_extra={FROM_SETTINGS: {"maxLength": "max_stdin_bytes"}},
     )
-    timeout_seconds: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
-        default=None,
-        description="Wall-clock limit; default {default_timeout_seconds:g} s.",
-        json_schema_extra={FROM_SETTINGS: {"maximum": "max_timeout_seconds"}},
+    timeout_seconds: Annotated[float, Field(ge=MIN_TIMEOUT_SECONDS, allow_inf_nan=False), LENIENT_NUMBER] | None = (
+        Field(
+            default=None,
+            description="Wall-clock limit in seconds; default {default_timeout_seconds:g} s.",
+            json_schema_extra={FROM_SETTINGS: {"maximum": "max_timeout_seconds"}},
+        )
     )
-    memory_mb: Annotated[int, Field(ge=16)] | None = Field(
+    memory_mb: Annotated[int, Field(ge=16), LENIENT_INT] | None = Field(
         default=None,
-        description="Memory limit, swap included; default {default_memory_mb} MiB.",
+        description="Memory limit in MiB, swap included; default {default_memory_mb} MiB.",
         json_schema_extra={FROM_SETTINGS: {"maximum": "max_memory_mb"}},
     )
 
@@ -105,7 +233,11 @@ class ResourceUsage(BaseModel):
 
 
 class ExecutionResult(BaseModel):
-    """The outcome of a program that ran. Field names are part of the tool contract."""
+    """The outcome of a program that ran. Field names are part of the tool contract.
+
+    The Python API returns the whole captured output (every ``*_omitted_bytes`` is 0); the MCP
+    adapter sends `for_model`'s excerpt of it, sized for a model's context.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -113,12 +245,33 @@ class ExecutionResult(BaseModel):
     status: Status = Field(description="How the execution ended, decided from evidence.")
     exit_code: int | None = Field(description="The program's exit code when it exited by itself, else null.")
     signal: str | None = Field(description='The signal that killed the program, e.g. "SIGKILL", else null.')
-    stdout: str = Field(description="Standard output, decoded as UTF-8 with replacement, up to the cap.")
-    stderr: str = Field(description="Standard error, decoded as UTF-8 with replacement, up to the cap.")
+    stdout: str = Field(
+        description="Standard output, decoded as UTF-8 with replacement, up to the cap; when long, only its head "
+        "and tail, around a marker line (see stdout_omitted_bytes)."
+    )
+    stderr: str = Field(
+        description="Standard error, decoded as UTF-8 with replacement, up to the cap; when long, only its head "
+        "and tail, around a marker line (see stderr_omitted_bytes)."
+    )
     stdout_truncated: bool = Field(description="True when stdout passed the output cap.")
     stderr_truncated: bool = Field(description="True when stderr passed the output cap.")
+    stdout_omitted_bytes: int = Field(
+        default=0,
+        description="Bytes of stdout (UTF-8) left out of this result between its head and its tail, "
+        "where a marker line stands for them; 0 when stdout is whole.",
+    )
+    stderr_omitted_bytes: int = Field(
+        default=0,
+        description="Bytes of stderr (UTF-8) left out of this result between its head and its tail, "
+        "where a marker line stands for them; 0 when stderr is whole.",
+    )
     return_value: str | None = Field(
         description="Python: repr() of the value of a final expression statement; null otherwise."
+    )
+    return_value_omitted_bytes: int = Field(
+        default=0,
+        description="Bytes of return_value (UTF-8) left out of this result between its head and its "
+        "tail, where a marker line stands for them; 0 when it is whole or null.",
     )
     duration_ms: float = Field(description="Wall time of the program itself, start to exit, in milliseconds.")
     language: str = Field(description='The language that ran, e.g. "python".')
@@ -148,17 +301,36 @@ class ExecutionResult(BaseModel):
                 parts.append(f"--- {name}{' (truncated)' if cut else ''} ---\n{text}")
         return "\n".join(parts)
 
+    def for_model(self, limit: int) -> ExecutionResult:
+        """This result sized for a model: stdout, stderr and return_value each at most ``limit`` UTF-8 bytes.
+
+        A text over the limit keeps its head and its tail around one marker line that says how many
+        bytes were left out; the matching ``*_omitted_bytes`` field counts them exactly. Streams
+        give the tail three quarters of the room (errors come last); the return value, a repr,
+        gives each end half. Returns this result itself when everything fits. Reads O(limit)
+        characters of each text, plus one pass of the C encoder over a non-ASCII text to count its
+        bytes (see `codomyrmex_sandbox.excerpt`).
+        """
+        stdout = excerpt(self.stdout, limit, "stdout")
+        stderr = excerpt(self.stderr, limit, "stderr")
+        value = None if self.return_value is None else excerpt(self.return_value, limit, "return_value", head_share=0.5)
+        if not stdout.omitted_bytes and not stderr.omitted_bytes and (value is None or not value.omitted_bytes):
+            return self
+        return self.model_copy(update=_excerpt_fields(self, stdout, stderr, value))
+
+
+def _excerpt_fields(result: ExecutionResult, stdout: Excerpt, stderr: Excerpt, value: Excerpt | None) -> dict[str, Any]:
+    """The fields of ``result`` that its excerpts replace; omitted counts add to any it had."""
+    return {
+        "stdout": stdout.text,
+        "stderr": stderr.text,
+        "stdout_omitted_bytes": result.stdout_omitted_bytes + stdout.omitted_bytes,
+        "stderr_omitted_bytes": result.stderr_omitted_bytes + stderr.omitted_bytes,
+        "return_value": None if value is None else value.text,
+        "return_value_omitted_bytes": result.return_value_omitted_bytes + (0 if value is None else value.omitted_bytes),
+    }
+
 
 def request_from_arguments(arguments: Mapping[str, Any]) -> ExecutionRequest:
-    """Validate tool or API arguments; raises InvalidRequestError naming each wrong argument."""
-    try:
-        return ExecutionRequest.model_validate(dict(arguments))
-    except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in err["loc"]) or "arguments"
-            if err["type"] == "extra_forbidden":
-                problems.append(f"unknown argument {where!r} (accepted: {', '.join(ExecutionRequest.model_fields)})")
-            else:
-                problems.append(f"{where}: {err['msg']}")
-        raise InvalidRequestError("invalid arguments: " + "; ".join(problems) + ".") from exc
+    """Validate `execute_code`'s arguments (the tool's or the Python API's); raises InvalidRequestError."""
+    return validate_arguments(ExecutionRequest, arguments)

@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 import anyio
+import anyio.to_thread
 import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
@@ -20,6 +21,7 @@ from mcp.shared.exceptions import MCPError
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
+from codomyrmex_sandbox.excerpt import excerpt_is_cheap
 from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request_from_arguments
 from codomyrmex_sandbox.output import StreamName
@@ -113,9 +115,16 @@ async def _call_execute(
     if isinstance(outcome, SandboxError):
         get_logger("codomyrmex_sandbox.server").info("call_not_run", error=str(outcome), client=client)
         return types.CallToolResult(content=[types.TextContent(type="text", text=str(outcome))], is_error=True)
+    # Sized for a model: each stream's head and tail within result_stream_bytes, the text block
+    # rendered from the same excerpts. Counting a large non-ASCII text's bytes goes off the loop.
+    limit = sandbox.settings.result_stream_bytes
+    if excerpt_is_cheap(outcome.stdout, outcome.stderr, outcome.return_value):
+        shown = outcome.for_model(limit)
+    else:
+        shown = await anyio.to_thread.run_sync(outcome.for_model, limit)
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=outcome.render_text())],
-        structured_content=outcome.model_dump(mode="json"),
+        content=[types.TextContent(type="text", text=shown.render_text())],
+        structured_content=shown.model_dump(mode="json"),
         is_error=False,
     )
 
@@ -149,7 +158,7 @@ class _ProgressStreamer:
 
     ``progress`` is the elapsed seconds and ``total`` the timeout; ``message`` carries the new text,
     stderr lines marked ``[stderr]``. Output beyond the backlog bound is summarised, not queued:
-    the final result carries the full (capped) output anyway.
+    the final result carries the output anyway (each stream's head and tail when it is long).
     """
 
     def __init__(self, ctx: ServerRequestContext[Any], total: float | None) -> None:
@@ -195,7 +204,7 @@ class _ProgressStreamer:
             offset += STREAM_MESSAGE_CHARS
             last = offset >= len(text)
             if self._dropped and last:
-                message += f"\n[{self._dropped} characters not streamed; the result has them]\n"
+                message += f"\n[{self._dropped} characters not streamed; the result has the head and the tail]\n"
                 self._dropped = 0
             elapsed = round(time.monotonic() - self._start, 3)
             try:

@@ -152,6 +152,12 @@ class Settings(BaseSettings, LimitFields):
     )
     max_queued_executions: Annotated[int, Field(ge=0, le=10_000)] = 16
     max_queue_wait_seconds: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    result_stream_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = Field(
+        default=32 * 1024,
+        description="UTF-8 bytes of each stream (stdout, stderr) and of the return value that an MCP "
+        "tool result carries; beyond it the result keeps the head and the tail, with a marker line "
+        "saying how many bytes were left out. The Python API always returns the whole output.",
+    )
     audit_log_path: Path | None = Field(
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
     )

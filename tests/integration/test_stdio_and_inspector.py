@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from codomyrmex_sandbox.schema import portable_schema_problems
+
 pytestmark = pytest.mark.docker
 
 QUICK = 10.0
@@ -55,10 +57,22 @@ async def test_tools_list_describes_execute_code_with_its_bounds(stdio, settings
 
     schema = tool["inputSchema"]
     assert schema["type"] == "object"
-    assert schema["additionalProperties"] is False
+    # The portable shape (issue 9): no additionalProperties (the server refuses unknown arguments
+    # itself), one plain type per property, no default, minimum rather than exclusiveMinimum.
+    assert "additionalProperties" not in schema
     assert schema["required"] == ["code"]
+    assert portable_schema_problems(schema) == []
     properties = schema["properties"]
     assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb"}
+    assert {name: spec["type"] for name, spec in properties.items()} == {
+        "code": "string",
+        "language": "string",
+        "stdin": "string",
+        "timeout_seconds": "number",
+        "memory_mb": "integer",
+    }
+    assert not any("default" in spec for spec in properties.values())
+    assert properties["timeout_seconds"]["minimum"] == 0.001
     assert {"python", "javascript", "bash"} <= set(properties["language"]["enum"])
     assert properties["code"]["maxLength"] == settings.max_code_bytes
     assert properties["timeout_seconds"]["maximum"] == settings.max_timeout_seconds == 300
@@ -143,32 +157,45 @@ def test_cli_run_with_an_unknown_language_says_so_and_exits_two(run_cli):
 # -- a third-party client: the MCP Inspector ----------------------------------------------------
 
 
-def test_the_mcp_inspector_cli_calls_execute_code(engine, server_script, server_env):
+def inspector_call(server_script: str, server_env: dict[str, str], *tool_args: str) -> dict:
+    """The result of ``execute_code`` called through the MCP Inspector CLI, one ``--tool-arg`` per ``tool_args``."""
     npx = shutil.which("npx")
     if npx is None:
         pytest.fail("npx is not installed; the MCP Inspector test needs Node.js and npm (e.g. `apt-get install npm`)")
-    command = [
-        npx,
-        "-y",
-        "@modelcontextprotocol/inspector",
-        "--cli",
-        server_script,
-        "serve",
-        "--method",
-        "tools/call",
-        "--tool-name",
-        "execute_code",
-        "--tool-arg",
-        "code=print(6*7)",
-    ]
+    command = [npx, "-y", "@modelcontextprotocol/inspector", "--cli", server_script, "serve"]
+    command += ["--method", "tools/call", "--tool-name", "execute_code"]
+    for tool_arg in tool_args:
+        command += ["--tool-arg", tool_arg]
     env = {**os.environ, **server_env}  # npm needs its own environment (HOME, caches), not only PATH
     completed = subprocess.run(command, capture_output=True, text=True, timeout=NPX_TIMEOUT, env=env, check=False)
-
     assert completed.returncode == 0, completed.stderr[-2000:]
-    output = json.loads(completed.stdout)
+    return json.loads(completed.stdout)
+
+
+def test_the_mcp_inspector_cli_calls_execute_code(engine, server_script, server_env):
+    output = inspector_call(server_script, server_env, "code=print(6*7)")
+
     assert output["isError"] is False
     structured = output["structuredContent"]
     assert structured["status"] == "success"
     assert structured["stdout"] == "42\n"
     assert "42" in output["content"][0]["text"]
     assert engine.for_execution(structured["execution_id"]) == []
+
+
+@pytest.mark.parametrize(
+    ("code", "status"),
+    [
+        pytest.param("print(6*7)", "success", id="runs"),
+        # Stopped only by the limit sent (64 MiB), not by the default (256 MiB): the argument arrived.
+        pytest.param("data = b'x' * (400 * 1024 * 1024)", "memory_limit", id="memory-limit-applied"),
+    ],
+)
+def test_the_mcp_inspector_cli_sends_numeric_arguments(engine, server_script, server_env, code, status):
+    # The Inspector CLI converts a --tool-arg to a number only when the property's type is exactly
+    # "number" or "integer"; with a type array it sent the string "5", which was refused (issue 9).
+    output = inspector_call(server_script, server_env, f"code={code}", "timeout_seconds=5", "memory_mb=64")
+
+    assert output["isError"] is False, output["content"]
+    assert output["structuredContent"]["status"] == status
+    assert engine.for_execution(output["structuredContent"]["execution_id"]) == []

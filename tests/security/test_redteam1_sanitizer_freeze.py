@@ -19,6 +19,8 @@ import time
 import anyio
 import pytest
 
+from codomyrmex_sandbox.excerpt import marker_line
+
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("host_is_clean")]
 
 FLOOD = 120_000  # introducers on stdout, and again on stderr (240 KB each, under the 1 MiB cap)
@@ -105,6 +107,11 @@ async def test_a_flood_of_unterminated_introducers_leaves_the_server_responsive(
     flooded = results["flood"]
     assert flooded["status"] == "success", {key: str(value)[:200] for key, value in flooded.items()}
     assert flooded["stdout_truncated"] is False
-    assert flooded["stdout"] == shown * FLOOD
-    assert flooded["stderr"] == shown * FLOOD
-    assert flooded["return_value"] == shown * (REPR_CHARS // len(unit))
+    # Each text reaches the model as its head and tail around a marker, with the rest counted.
+    texts = {"stdout": shown * FLOOD, "stderr": shown * FLOOD, "return_value": shown * (REPR_CHARS // len(unit))}
+    for name, expected in texts.items():
+        omitted = flooded[f"{name}_omitted_bytes"]
+        head, _, tail = flooded[name].partition(marker_line(omitted, name))
+        assert expected.startswith(head), name
+        assert expected.endswith(tail), name
+        assert len(head) + len(tail) + omitted == len(expected), name

@@ -173,7 +173,7 @@ def test_the_payload_is_handed_over_in_one_frame_and_the_lease_stays_open():
         while len(received) < len(expected):
             received += theirs.recv(100)
         assert received == expected
-        theirs.setblocking(False)
+        theirs.settimeout(0.0)
         with pytest.raises(BlockingIOError):  # no end of stream: the sending side is the lease
             theirs.recv(100)
 

@@ -36,7 +36,8 @@ async def test_the_tool_schema_shows_the_bounds_and_forbids_unknown_arguments():
         (tool,) = (await client.list_tools()).tools
         assert tool.name == "execute_code"
         schema = tool.input_schema
-        assert schema["additionalProperties"] is False
+        # No additionalProperties (a client converter fails on it): the server refuses unknown arguments itself.
+        assert "additionalProperties" not in schema
         assert schema["required"] == ["code"]
         assert schema["properties"]["language"]["enum"] == ["bash", "javascript", "python"]
         assert schema["properties"]["timeout_seconds"]["maximum"] == 300

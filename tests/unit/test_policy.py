@@ -88,7 +88,7 @@ def test_an_unknown_language_is_denied_listing_the_known_ones():
         {"code": "x", "timeout_seconds": 0},
         {"code": "x", "timeout_seconds": math.nan},
         {"code": "x", "timeout_seconds": math.inf},
-        {"code": "x", "timeout_seconds": "10"},
+        {"code": "x", "timeout_seconds": "10s"},
         {"code": "x", "timeout_seconds": True},
         {"code": "x", "memory_mb": 5},
         {"code": "x", "memory_mb": -1},

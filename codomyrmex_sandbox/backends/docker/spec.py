@@ -110,7 +110,13 @@ def container_spec(
         host_config["CgroupParent"] = cgroup_parent
     return ContainerSpec(
         image=runtime.image(settings.image_prefix),
-        command=(SECCOMP_GUARD, "--deadline", str(self_destruct_seconds(lifetime, settings)), "--lease", *runtime.command),
+        command=(
+            SECCOMP_GUARD,
+            "--deadline",
+            str(self_destruct_seconds(lifetime, settings)),
+            "--lease",
+            *runtime.command,
+        ),
         user=f"{uid}:{uid}",
         name=container_name(uid),
         labels={**labels, LABEL_UID: str(uid)},
