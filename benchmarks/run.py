@@ -1,7 +1,8 @@
 """Benchmarks for codomyrmex-sandbox, measured in one run, on one machine, with the same images.
 
-    .venv/bin/python benchmarks/run.py            # the full run (about 4 minutes)
-    .venv/bin/python benchmarks/run.py --quick    # fewer samples, 5 s throughput windows
+    .venv/bin/python benchmarks/run.py              # the full run (about 10 minutes)
+    .venv/bin/python benchmarks/run.py --quick      # fewer samples, 5 s throughput windows
+    .venv/bin/python benchmarks/run.py --cold-start # only the cold-start rows (about a minute)
 
 Prints Markdown tables and writes the raw numbers to benchmarks/results/<timestamp>.json.
 Targets are judged as ratios against baselines measured in the same run (never absolute times):
@@ -9,7 +10,10 @@ Targets are judged as ratios against baselines measured in the same run (never a
 - warm Python round trip over MCP stdio: p50 <= 0.25 x `docker run --rm` p50;
 - pool off: p50 <= 1.1 x `docker run --rm` p50;
 - throughput at concurrency 4: >= 0.8 x the engine's own create-start-remove rate;
-- server overhead per call (fake backend) < 5 ms; resident memory growth < 10 % over 1,000 calls.
+- server overhead per call (fake backend) < 5 ms; resident memory growth < 10 % over 1,000 calls;
+- cold start (a fresh server per call, as some client libraries run it): time to the first
+  result <= the process's start-up + 1.5 x a warm call, that is its first call (initialize
+  answered to first result) <= 1.5 x a warm call, medians.
 """
 
 from __future__ import annotations
@@ -20,10 +24,13 @@ import gc
 import json
 import os
 import platform
+import queue
 import resource
+import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -34,6 +41,7 @@ import docker
 from mcp import Client, StdioServerParameters
 
 from codomyrmex_sandbox import FakeBackend, Sandbox, Settings
+from codomyrmex_sandbox.backends.docker import LABEL_EXECUTION, LABEL_HOST, LABEL_PID, MANAGED
 from codomyrmex_sandbox.runtimes import load_runtimes
 from codomyrmex_sandbox.server import build_server
 
@@ -50,8 +58,16 @@ IMAGE_COMMANDS = {
     "bash": ["bash", "-c", "echo 1"],
 }
 SCRIPT = Path(sys.executable).parent / "codomyrmex-sandbox"
+# The warm-call and throughput rows fill every pool at start-up (pool_idle_start_seconds=0), as
+# before the pool filled lazily: they measure calls that find the pool full. The cold-start rows
+# use the defaults.
 SETTLE_SECONDS = 0.3  # between latency samples: the previous sandbox's removal finishes
 STDIO_SETTLE_SECONDS = 0.8  # and, over stdio, the pool refills
+# The process start-up baseline: the bare host interpreter, by absolute path (see HOST_COMMANDS).
+HOST_PROCESS = ["/usr/bin/python3", "-I", "-c", "pass"]
+# What mcp 1.x clients (langchain's and llama-index's adapters among them) send in `initialize`.
+CLIENT_PROTOCOL_VERSION = "2025-06-18"
+ANSWER_DEADLINE_SECONDS = 60.0
 
 
 def percentiles(samples: list[float]) -> dict[str, float]:
@@ -94,7 +110,7 @@ def baselines(images: dict[str, str], count: int) -> dict[str, Any]:
         out[f"docker run --rm {language}"] = percentiles(timed(run, count))
         container = client.containers.run(image, ["sleep", "3600"], detach=True, network_mode="none")
         try:
-            execute = ["docker", "exec", container.id, *IMAGE_COMMANDS[language]]
+            execute = ["docker", "exec", str(container.id), *IMAGE_COMMANDS[language]]
             out[f"docker exec {language}"] = percentiles(timed(execute, count))
         finally:
             container.remove(force=True)
@@ -103,7 +119,7 @@ def baselines(images: dict[str, str], count: int) -> dict[str, Any]:
 
 async def api_latency(pool_size: int, count: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    async with Sandbox(Settings.load(pool_size=pool_size)) as sandbox:
+    async with Sandbox(Settings.load(pool_size=pool_size, pool_idle_start_seconds=0)) as sandbox:
         await _warm_up(sandbox, pool_size)
         for language, code in HELLO.items():
 
@@ -125,7 +141,12 @@ async def api_latency(pool_size: int, count: int) -> dict[str, Any]:
 
 async def stdio_latency(pool_size: int, count: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    env = {**os.environ, "CODOMYRMEX_SANDBOX_POOL_SIZE": str(pool_size), "CODOMYRMEX_SANDBOX_LOG_LEVEL": "warning"}
+    env = {
+        **os.environ,
+        "CODOMYRMEX_SANDBOX_POOL_SIZE": str(pool_size),
+        "CODOMYRMEX_SANDBOX_POOL_IDLE_START_SECONDS": "0",
+        "CODOMYRMEX_SANDBOX_LOG_LEVEL": "warning",
+    }
     params = StdioServerParameters(command=str(SCRIPT), args=["serve"], env=env)
     async with Client(params) as client:
         for language, code in HELLO.items():
@@ -142,6 +163,152 @@ async def stdio_latency(pool_size: int, count: int) -> dict[str, Any]:
 
             out[f"mcp stdio {language} pool={pool_size}"] = percentiles(await atimed(once, count, settle))
     return out
+
+
+class RawStdio:
+    """A fresh ``codomyrmex-sandbox serve`` process spoken to in raw JSON-RPC lines over stdio,
+    as a client library that starts a server per call does; times are ms since the spawn."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.started = time.perf_counter()
+        self.process = subprocess.Popen(
+            [str(SCRIPT), "serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+        self.pid = self.process.pid
+        if self.process.stdin is None or self.process.stdout is None:
+            raise RuntimeError("the server's stdio pipes were not created")
+        self._stdin, self._stdout = self.process.stdin, self.process.stdout
+        self._lines: queue.Queue[bytes | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self._next_id = 0
+
+    def _read(self) -> None:
+        for line in self._stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def _send(self, message: dict[str, Any]) -> None:
+        self._stdin.write(json.dumps(message).encode() + b"\n")
+        self._stdin.flush()
+
+    def request(self, method: str, params: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Send a request; its result, and when it arrived."""
+        self._next_id += 1
+        self._send({"jsonrpc": "2.0", "id": self._next_id, "method": method, "params": params})
+        deadline = time.monotonic() + ANSWER_DEADLINE_SECONDS
+        while True:
+            line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            if line is None:
+                raise RuntimeError(f"the server closed stdout before answering {method}")
+            message = json.loads(line)
+            if message.get("id") == self._next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method} failed: {message['error']}")
+                return message["result"], (time.perf_counter() - self.started) * 1000
+
+    def initialize(self) -> float:
+        params = {
+            "protocolVersion": CLIENT_PROTOCOL_VERSION,
+            "capabilities": {},
+            "clientInfo": {"name": "benchmark", "version": "0"},
+        }
+        _, at = self.request("initialize", params)
+        self._send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return at
+
+    def print_1(self) -> float:
+        """Call execute_code with python print(1); when its (successful) result arrived."""
+        result, at = self.request("tools/call", {"name": "execute_code", "arguments": {"code": "print(1)"}})
+        if result.get("isError") or (result.get("structuredContent") or {}).get("status") != "success":
+            raise RuntimeError(f"print(1) did not succeed: {result.get('content')}")
+        return at
+
+    def close(self) -> None:
+        """Close stdin, as a client does when it is done, and wait for the server to exit."""
+        self._stdin.close()
+        self.process.wait(timeout=30)
+
+
+def _owned_by(pid: int) -> dict[str, Any]:
+    return {"label": [f"{MANAGED}=true", f"{LABEL_HOST}={socket.gethostname()}", f"{LABEL_PID}={pid}"]}
+
+
+def containers_created(client: docker.DockerClient, pid: int, since: float) -> int:
+    """How many sandbox containers the server ``pid`` created from ``since`` until now (the engine's events)."""
+    filters = {**_owned_by(pid), "type": "container", "event": "create"}
+    events = client.api.events(since=int(since) - 1, until=int(time.time()) + 1, filters=filters, decode=True)
+    return sum(1 for _ in events)
+
+
+def wait_for_warm(client: docker.DockerClient, pid: int, count: int) -> None:
+    """Wait (untimed) until the server ``pid`` holds ``count`` running warm-pool sandboxes (the
+    engine says running once started; the settle after it covers the runner loading)."""
+    filters = _owned_by(pid)
+    filters["label"] = [*filters["label"], f"{LABEL_EXECUTION}=pool"]
+    filters["status"] = "running"
+    deadline = time.monotonic() + 30
+    while len(client.api.containers(filters=filters)) < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"server {pid} did not hold {count} warm sandboxes within 30 s")
+        time.sleep(0.02)
+
+
+def cold_start(count: int) -> dict[str, Any]:
+    """Fresh servers over raw stdio, ``count`` repetitions of two each, one at a time.
+
+    The first server answers ``initialize`` and one ``print(1)``, then its client closes stdin (a
+    client library that starts a server per call): its start-up, its time to the first result, and
+    the containers it created in its whole life. The second starts the same way, then waits
+    (untimed) until the python sandbox started after the first call is running, and makes a
+    warm call: the same server's next call, a moment later.
+    """
+    env = {**os.environ, "CODOMYRMEX_SANDBOX_LOG_LEVEL": "warning"}
+    pool_size = Settings.load().pool_size
+    client = docker.from_env()
+    startup: list[float] = []
+    first: list[float] = []
+    first_call: list[float] = []
+    warm: list[float] = []
+    created: list[float] = []
+
+    def fresh_server() -> RawStdio:
+        """A server started, initialized and through its first call."""
+        server = RawStdio(env)
+        startup.append(server.initialize())
+        first.append(server.print_1())
+        first_call.append(first[-1] - startup[-1])
+        return server
+
+    for _ in range(count):
+        since = time.time()
+        server = fresh_server()
+        server.close()
+        created.append(containers_created(client, server.pid, since))
+        time.sleep(SETTLE_SECONDS)  # the engine finishes removing what the server left
+
+        server = fresh_server()
+        if pool_size:
+            wait_for_warm(client, server.pid, 1)
+        time.sleep(SETTLE_SECONDS)
+        began = time.perf_counter()
+        server.print_1()
+        warm.append((time.perf_counter() - began) * 1000)
+        server.close()
+        time.sleep(SETTLE_SECONDS)
+    client.close()
+    return {
+        "host /usr/bin/python3 -I -c pass": percentiles(timed(HOST_PROCESS, count)),
+        "codomyrmex-sandbox --version": percentiles(timed([str(SCRIPT), "--version"], count)),
+        "start-up: spawn -> initialize answered": percentiles(startup),
+        "time to first result: spawn -> print(1) result": percentiles(first),
+        "first call: initialize answered -> print(1) result": percentiles(first_call),
+        "warm call on the same server": percentiles(warm),
+        "containers created by a server for one call": percentiles(created),
+    }
 
 
 async def _warm_up(sandbox: Sandbox, pool_size: int) -> None:
@@ -164,7 +331,9 @@ async def _refilled(sandbox: Sandbox, language: str, size: int) -> None:
 async def throughput(pool_size: int, seconds: float) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for concurrency in (1, 4, 8):
-        settings = Settings.load(pool_size=pool_size, max_concurrent_executions=max(concurrency, 2))
+        settings = Settings.load(
+            pool_size=pool_size, pool_idle_start_seconds=0, max_concurrent_executions=max(concurrency, 2)
+        )
         async with Sandbox(settings) as sandbox:
             await _warm_up(sandbox, pool_size)
             done = 0
@@ -258,29 +427,46 @@ def table(title: str, rows: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def verdict(value: float, *, at_most: float | None = None, at_least: float | None = None) -> dict[str, Any]:
+    met = (at_most is None or value <= at_most) and (at_least is None or value >= at_least)
+    return {"value": round(value, 3), "pass": "yes" if met else "NO"}
+
+
 def verdicts(data: dict[str, Any]) -> dict[str, Any]:
-    lat, base, thr = data["latency"], data["baselines"], data["throughput"]
-    docker_run = base["docker run --rm python"]["p50"]
-    warm = lat["mcp stdio python pool=2"]["p50"]
-    cold = lat["mcp stdio python pool=0"]["p50"]
-    rate = data["engine"]["calls_per_s"]
-    c4 = thr["concurrency 4 pool=2"]["calls_per_s"]
-    over = data["overhead"]
-    return {
-        "warm stdio p50 / docker run p50 (target <= 0.25)": {"value": round(warm / docker_run, 3)},
-        "pool off stdio p50 / docker run p50 (target <= 1.1)": {"value": round(cold / docker_run, 3)},
-        "throughput c=4 / engine rate (target >= 0.8)": {"value": round(c4 / rate, 3)},
-        "overhead ms per call (target < 5)": {"value": over["mcp_in_process_ms_per_call"]},
-        "rss growth % over calls (target < 10)": {"value": over["rss_growth_pct"]},
-    }
+    out: dict[str, Any] = {}
+    if "latency" in data:
+        lat, base, thr = data["latency"], data["baselines"], data["throughput"]
+        docker_run = base["docker run --rm python"]["p50"]
+        warm = lat["mcp stdio python pool=2"]["p50"]
+        cold = lat["mcp stdio python pool=0"]["p50"]
+        rate = data["engine"]["calls_per_s"]
+        c4 = thr["concurrency 4 pool=2"]["calls_per_s"]
+        over = data["overhead"]
+        out |= {
+            "warm stdio p50 / docker run p50 (target <= 0.25)": verdict(warm / docker_run, at_most=0.25),
+            "pool off stdio p50 / docker run p50 (target <= 1.1)": verdict(cold / docker_run, at_most=1.1),
+            "throughput c=4 / engine rate (target >= 0.8)": verdict(c4 / rate, at_least=0.8),
+            "overhead ms per call (target < 5)": verdict(over["mcp_in_process_ms_per_call"], at_most=4.999),
+            "rss growth % over calls (target < 10)": verdict(over["rss_growth_pct"], at_most=9.999),
+        }
+    if "cold_start" in data:
+        # Time to first result <= start-up + 1.5 x warm call, per server: its first call (the time
+        # from its initialize answer to its first result) against the warm call, medians.
+        cold_start = data["cold_start"]
+        first_call = cold_start["first call: initialize answered -> print(1) result"]["p50"]
+        warm_call = cold_start["warm call on the same server"]["p50"]
+        out["first call / warm call, p50s (target <= 1.5)"] = verdict(first_call / warm_call, at_most=1.5)
+    return out
 
 
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer samples and 5 s throughput windows")
+    parser.add_argument("--cold-start", action="store_true", help="only the cold-start rows (fresh servers)")
     args = parser.parse_args()
     count = 10 if args.quick else 30
     seconds = 5.0 if args.quick else 30.0
+    cold_count = 5 if args.quick else 10  # each repetition starts two servers
     runtimes = load_runtimes()
     images = {name: spec.image("codomyrmex-sandbox") for name, spec in runtimes.items()}
     data: dict[str, Any] = {
@@ -290,27 +476,31 @@ async def main() -> None:
             "cpus": os.cpu_count(),
             "docker": docker.from_env().version().get("Version"),
         },
-        "baselines": baselines(images, count),
-        "latency": {},
-        "throughput": {},
     }
-    for pool_size in (0, 2):
-        data["latency"] |= await api_latency(pool_size, count)
-        data["latency"] |= await stdio_latency(pool_size, count)
-        data["throughput"] |= await throughput(pool_size, seconds)
-    data["engine"] = await anyio.to_thread.run_sync(engine_rate, images["python"], seconds)
-    data["overhead"] = await overhead(1000)
+    if not args.cold_start:
+        data["baselines"] = baselines(images, count)
+        data["latency"] = {}
+        data["throughput"] = {}
+        for pool_size in (0, 2):
+            data["latency"] |= await api_latency(pool_size, count)
+            data["latency"] |= await stdio_latency(pool_size, count)
+            data["throughput"] |= await throughput(pool_size, seconds)
+        data["engine"] = await anyio.to_thread.run_sync(engine_rate, images["python"], seconds)
+        data["overhead"] = await overhead(1000)
+    data["cold_start"] = await anyio.to_thread.run_sync(cold_start, cold_count)
     data["verdicts"] = verdicts(data)
     print(f"machine: {data['machine']}\n")
-    print(table("Baselines (ms)", data["baselines"]))
-    print(table("Round trip of print(1) (ms)", data["latency"]))
-    print(
-        table(
-            "Throughput (python print(1), calls/s)",
-            {**data["throughput"], "engine create-start-remove": data["engine"]},
+    if not args.cold_start:
+        print(table("Baselines (ms)", data["baselines"]))
+        print(table("Round trip of print(1) (ms)", data["latency"]))
+        print(
+            table(
+                "Throughput (python print(1), calls/s)",
+                {**data["throughput"], "engine create-start-remove": data["engine"]},
+            )
         )
-    )
-    print(table("Server overhead (fake backend, MCP in-process)", {"overhead": data["overhead"]}))
+        print(table("Server overhead (fake backend, MCP in-process)", {"overhead": data["overhead"]}))
+    print(table("Cold start: a fresh server per call, raw stdio (ms; the last row is a count)", data["cold_start"]))
     print(table("Targets", data["verdicts"]))
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)

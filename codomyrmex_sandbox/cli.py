@@ -4,38 +4,43 @@
     codomyrmex-sandbox run FILE|-         run code once and print the result
     codomyrmex-sandbox doctor             check the engine, the images and the policy
     codomyrmex-sandbox runtimes build     build the runtime images
+    codomyrmex-sandbox config CLIENT      print a client's entry for this server (claude, cursor, claude-code)
 
 Logging is configured here, once, to stderr; stdout belongs to the MCP transport (``serve``) or
-to the program's output (``run``).
+to the program's output (``run``) or to the printed entry (``config``).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import signal
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import anyio
+import anyio.to_thread
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
-from codomyrmex_sandbox.logs import configure_logging
-from codomyrmex_sandbox.models import ExecutionResult, Status
-from codomyrmex_sandbox.output import StreamName
-from codomyrmex_sandbox.runtimes import load_runtimes
-from codomyrmex_sandbox.service import Sandbox
-from codomyrmex_sandbox.settings import Settings
+
+# Each command imports what it needs, when it runs: `--version` and `--help` load none of it,
+# and `serve` loads the MCP SDK while the engine starts the first sandbox (see `_serve`).
+if TYPE_CHECKING:
+    from codomyrmex_sandbox.models import ExecutionResult
+    from codomyrmex_sandbox.output import StreamName
+    from codomyrmex_sandbox.settings import Settings
 
 EXIT_NOT_RUN = 2
-_STATUS_EXIT = {
-    Status.TIMEOUT: 124,
-    Status.OUTPUT_LIMIT: 125,
-    Status.MEMORY_LIMIT: 137,
-    Status.CANCELLED: 130,
+_STATUS_EXIT = {  # by `Status` value
+    "timeout": 124,
+    "output_limit": 125,
+    "memory_limit": 137,
+    "cancelled": 130,
 }
 
 
@@ -44,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     command = args.command or "serve"
     try:
+        from codomyrmex_sandbox.logs import configure_logging  # noqa: PLC0415 - see the imports above
+        from codomyrmex_sandbox.settings import Settings  # noqa: PLC0415
+
         settings = Settings.load(args.config)
         configure_logging(settings.log_level if command == "serve" or args.verbose else "warning")
         return _COMMANDS[command](settings, args)
@@ -96,6 +104,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--stdin", dest="stdin_file", help="a file whose contents are the program's stdin")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
     commands.add_parser("doctor", help="check the engine, the runtime images and the policy")
+    client = commands.add_parser("config", help="print the entry that adds this server to an MCP client")
+    client.add_argument("client", choices=CLIENTS, help="the client: Claude Desktop, Cursor or Claude Code")
+    client.add_argument(
+        "--config",
+        dest="server_config",
+        type=Path,
+        metavar="FILE",
+        help="a TOML settings file for the server to start with",
+    )
     runtimes = commands.add_parser("runtimes", help="manage runtime images")
     runtime_commands = runtimes.add_subparsers(dest="runtimes_command", metavar="ACTION", required=True)
     build = runtime_commands.add_parser("build", help="build every runtime image")
@@ -113,27 +130,39 @@ async def _serve(settings: Settings) -> bool:
 
     Either way the calls in flight are cancelled (their sandboxes killed, their audit records
     finished as cancelled) and the Sandbox closes, removing every container, before this returns.
+
+    Start-up overlaps its two slow parts: the MCP SDK, most of the time to the first answer (about
+    a second on two cores), is imported in a worker thread while the Sandbox opens here (connect,
+    sweep what a dead server left, then start the first warm sandbox, which the engine does in
+    processes of its own), so that the first call finds that sandbox ready.
     """
-    from codomyrmex_sandbox.stdio import serve_stdio  # noqa: PLC0415 - the MCP SDK loads only to serve
+    from codomyrmex_sandbox.service import Sandbox  # noqa: PLC0415 - see the imports above
 
     signalled = False
-    async with Sandbox(settings) as sandbox, anyio.create_task_group() as tg:
+    sandbox = Sandbox(settings)  # before the thread starts: it imports the backend, here
+    with ThreadPoolExecutor(1, thread_name_prefix="import-mcp") as imports:
+        stdio = imports.submit(importlib.import_module, "codomyrmex_sandbox.stdio")
+        async with sandbox, anyio.create_task_group() as tg:
 
-        async def stop_on_signal() -> None:
-            nonlocal signalled
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                async for _ in signals:
-                    signalled = True
-                    tg.cancel_scope.cancel()
-                    return
+            async def stop_on_signal() -> None:
+                nonlocal signalled
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                    async for _ in signals:
+                        signalled = True
+                        tg.cancel_scope.cancel()
+                        return
 
-        tg.start_soon(stop_on_signal)
-        await serve_stdio(sandbox)
-        tg.cancel_scope.cancel()
+            tg.start_soon(stop_on_signal)
+            await anyio.to_thread.run_sync(stdio.result, abandon_on_cancel=True)  # raises what the import raised
+            from codomyrmex_sandbox.stdio import serve_stdio  # noqa: PLC0415 - imported by now
+
+            await serve_stdio(sandbox)
+            tg.cancel_scope.cancel()
     return signalled
 
 
 async def _run(settings: Settings, args: argparse.Namespace, code: str, stdin: str | None) -> int:
+    from codomyrmex_sandbox.service import Sandbox  # noqa: PLC0415 - see the imports above
 
     async def echo(stream: StreamName, text: str) -> None:
         target: TextIO = sys.stdout if stream == "stdout" else sys.stderr
@@ -184,6 +213,7 @@ def exit_status(result: ExecutionResult) -> int:
 
 def _runtimes(settings: Settings, args: argparse.Namespace) -> int:
     from codomyrmex_sandbox.backends.docker.images import build_runtimes  # noqa: PLC0415 - only this command needs it
+    from codomyrmex_sandbox.runtimes import load_runtimes  # noqa: PLC0415 - see the imports above
 
     runtimes = load_runtimes(settings.runtimes_dir, args.languages or settings.languages)
 
@@ -197,9 +227,65 @@ def _runtimes(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+CLIENTS = ("claude", "cursor", "claude-code")
+SERVER_NAME = "codomyrmex-sandbox"
+_WHERE = {
+    "claude": "merge this into claude_desktop_config.json (Claude Desktop: Settings > Developer > Edit Config)",
+    "cursor": "merge this into ~/.cursor/mcp.json, or into .cursor/mcp.json in a project",
+    "claude-code": "run this command (`claude mcp add --scope user ...` makes the server available in every project)",
+}
+
+
+def _config_command(_settings: Settings, args: argparse.Namespace) -> int:
+    """Print the entry that adds this server to a client on stdout; where it goes on stderr."""
+    from codomyrmex_sandbox.settings import Settings  # noqa: PLC0415 - see the imports above
+
+    config_file: Path | None = args.server_config or args.config
+    server_args: list[str] = []
+    if config_file is not None:
+        config_file = config_file.expanduser().resolve()  # clients start servers in a directory of their own
+        Settings.load(config_file)  # a file the server could not start with is refused now, with the reason
+        server_args = ["--config", str(config_file)]
+    sys.stdout.write(client_config(args.client, console_script_path(), server_args))
+    sys.stderr.write(f"codomyrmex-sandbox: {_WHERE[args.client]}\n")
+    return 0
+
+
+def client_config(client: str, command: Path, args: list[str]) -> str:
+    """The text that adds this server, started as ``command args``, to ``client`` (one of `CLIENTS`)."""
+    import json  # noqa: PLC0415 - only this command needs it
+    import shlex  # noqa: PLC0415 - only this command needs it
+
+    if client == "claude-code":
+        return shlex.join(["claude", "mcp", "add", SERVER_NAME, "--", str(command), *args]) + "\n"
+    if client not in CLIENTS:
+        raise ValueError(f"unknown client {client!r}; choose one of {', '.join(CLIENTS)}")
+    # Claude Desktop and Cursor read the same shape.
+    return json.dumps({"mcpServers": {SERVER_NAME: {"command": str(command), "args": args}}}, indent=2) + "\n"
+
+
+def console_script_path() -> Path:
+    """This installation's console script, absolute: the one beside the running interpreter, else on PATH."""
+    import shutil  # noqa: PLC0415 - only this command needs it
+
+    from codomyrmex_sandbox.errors import ConfigurationError  # noqa: PLC0415 - see the imports above
+
+    script = Path(sys.executable).parent / "codomyrmex-sandbox"
+    if not script.is_file():
+        found = shutil.which("codomyrmex-sandbox")
+        if found is None:
+            raise ConfigurationError(
+                f"the codomyrmex-sandbox console script is neither beside {sys.executable} nor on PATH; "
+                "install the package (`pip install -e .` in the clone) and run `config` through that script"
+            )
+        script = Path(found)
+    return script.resolve()
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": _serve_command,
     "run": _run_command,
     "doctor": _doctor_command,
     "runtimes": _runtimes,
+    "config": _config_command,
 }

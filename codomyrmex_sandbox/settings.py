@@ -168,6 +168,12 @@ class Settings(BaseSettings, LimitFields):
     pool_max_age_seconds: Annotated[float, Field(gt=0, le=86_400)] = Field(
         default=300.0, description="Idle pool members older than this are replaced."
     )
+    pool_idle_start_seconds: Annotated[float, Field(ge=0, le=86_400)] = Field(
+        default=5.0,
+        description="The pool fills lazily: at start-up only python gets one sandbox; each call of a "
+        "language that ends lets its pool grow by one, up to pool_size; every language fills to "
+        "pool_size once no call has started or ended for this long. 0 fills every language at start-up.",
+    )
 
     oci_runtime: str | None = Field(
         default=None, description="OCI runtime for sandboxes, e.g. runsc (gVisor); default the engine's."

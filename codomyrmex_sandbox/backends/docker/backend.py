@@ -35,7 +35,7 @@ from codomyrmex_sandbox.backends.docker.pool import WarmPool
 from codomyrmex_sandbox.backends.docker.spec import container_spec, self_destruct_seconds
 from codomyrmex_sandbox.errors import BackendError, EngineUnavailableError, RuntimeUnavailableError, SandboxError
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import MIB, ExecutionResult, Limits
+from codomyrmex_sandbox.models import MIB, ExecutionRequest, ExecutionResult, Limits
 from codomyrmex_sandbox.output import OutputCollector
 from codomyrmex_sandbox.policy import default_limits
 from codomyrmex_sandbox.protocol import new_nonce, runner_header
@@ -43,6 +43,7 @@ from codomyrmex_sandbox.runtimes import VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
 
 LOGGER = "codomyrmex_sandbox.docker"
+DEFAULT_LANGUAGE: str = ExecutionRequest.model_fields["language"].default  # what a lone call almost always uses
 RECONNECT_INTERVAL_SECONDS = 1.0  # how often upkeep tries the engine again while it is away
 
 
@@ -76,9 +77,18 @@ class DockerBackend:
         self._pool_lifetimes = {
             name: settings.pool_max_age_seconds + policies[name].max_timeout_seconds for name in runtimes
         }
+        # Lazily filled (see pool.py): a server started for one call starts one sandbox, for the
+        # default language, at once; the rest after a call of their language, or a quiet period.
         sizes = dict.fromkeys(runtimes, settings.pool_size)
         self.pool: WarmPool[Box] | None = (
-            WarmPool(sizes, settings.pool_max_age_seconds, self._prepare_warm, self._discard)
+            WarmPool(
+                sizes,
+                settings.pool_max_age_seconds,
+                self._prepare_warm,
+                self._discard,
+                idle_start=settings.pool_idle_start_seconds,
+                at_start={DEFAULT_LANGUAGE: 1},
+            )
             if settings.pool_size > 0
             else None
         )
@@ -155,15 +165,16 @@ class DockerBackend:
         nonce = new_nonce()
         payload = runner_header(nonce, job.code) + job.code + (job.stdin or b"")
         collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
-        box = await self._take_warm(job)
-        warm = box is not None
-        if box is None:
-            box = await self._prepare(
-                job.runtime, job.limits, lifetime=job.limits.timeout_seconds, label=job.execution_id
-            )
-        # The container id is in no result field; this record ties it to the execution's audit records.
-        get_logger(LOGGER).info("sandbox_assigned", execution_id=job.execution_id, container_id=box.cid, warm=warm)
+        box: Box | None = None
         try:
+            box = await self._take_warm(job)
+            warm = box is not None
+            if box is None:
+                box = await self._prepare(
+                    job.runtime, job.limits, lifetime=job.limits.timeout_seconds, label=job.execution_id
+                )
+            # The container id is in no result field; this record ties it to the execution's audit records.
+            get_logger(LOGGER).info("sandbox_assigned", execution_id=job.execution_id, container_id=box.cid, warm=warm)
             evidence, duration_ms = await execution.run(
                 box, job, payload, collector, connection=self._connection, accounting=self._accounting
             )
@@ -171,8 +182,9 @@ class DockerBackend:
             if self._accounting is not None and box.parent is not None:
                 usage = await self._connection.call(self._accounting.read, box.parent)
         finally:
-            await self._discard_soon(box)
-            if self.pool is not None:
+            if box is not None:
+                await self._discard_soon(box)
+            if self.pool is not None:  # however the call ended: the pool refills only after it
                 self.pool.replenish(job.runtime.name)
         evidence, usage = with_usage(evidence, usage, collector.reported_exit(), job.limits.memory_mb * MIB)
         return await build_result(job, collector, evidence, duration_ms, version, usage=usage)
@@ -188,12 +200,12 @@ class DockerBackend:
 
     async def _take_warm(self, job: Job) -> Box | None:
         """A live pool member fitted to this job's limits, or None for a cold start."""
-        box = None if self.pool is None else self.pool.take(job.runtime.name)
+        box = None if self.pool is None else await self.pool.take(job.runtime.name)
         while box is not None and not box.waiting_for_code():
             # It died while idle (an engine restart, its deadline): never hand code to it.
             get_logger(LOGGER).warning("pool_member_dead", container_id=box.cid)
             await self._discard_soon(box)
-            box = None if self.pool is None else self.pool.take(job.runtime.name)
+            box = None if self.pool is None else await self.pool.take(job.runtime.name)
         if box is None or box.memory_mb == job.limits.memory_mb:
             return box
         try:  # the engine changes a running container's memory limit in place
