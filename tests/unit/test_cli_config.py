@@ -3,15 +3,35 @@
 from __future__ import annotations
 
 import json
+import logging
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from codomyrmex_sandbox.cli import main
 
 SCRIPT = (Path(sys.executable).parent / "codomyrmex-sandbox").resolve()
+
+
+@pytest.fixture(autouse=True)
+def _logging_left_as_it_was() -> Iterator[None]:
+    """`main` configures logging onto pytest's captured stderr, which closes after the test: undo it,
+    or every later test that logs writes to a closed stream."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    configured = structlog.is_configured()
+    saved = structlog.get_config()
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    if configured:
+        structlog.configure(**saved)
+    else:
+        structlog.reset_defaults()
 
 
 def config(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
