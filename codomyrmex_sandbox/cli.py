@@ -66,13 +66,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve_command(settings: Settings, _args: argparse.Namespace) -> int:
-    stopped_by_signal = anyio.run(_serve, settings)
-    if stopped_by_signal:
-        # Every sandbox is removed and every record written; a worker thread may still be blocked
-        # reading stdin from a client that never closed it, and must not hold the exit.
-        sys.stderr.flush()
-        os._exit(0)
-    return 0
+    anyio.run(_serve, settings)
+    # Every sandbox is removed and every record written. Worker threads may still be blocked (on
+    # stdin from a client that never closed it, after a signal; on the engine's answer for a sandbox
+    # already removed), and the interpreter's shutdown would join them: an mcp 1.x client kills a
+    # server that has not exited 2 s after it closed stdin, so nothing may hold the exit.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _run_command(settings: Settings, args: argparse.Namespace) -> int:
