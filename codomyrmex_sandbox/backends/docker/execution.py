@@ -88,6 +88,13 @@ async def run(
                     ended = True
             timed_out = deadline.cancelled_caught
         finally:
+            oom = None
+            if runner_done and accounting is not None and box.parent is not None:
+                # The program is over by the runner's word; the kernel's count says whether memory
+                # ran out. Read before the hang-up: hanging up ends the lease, and the sandbox's init
+                # then kills everything (exit 137), which must not be taken for the program's end.
+                with anyio.CancelScope(shield=True):
+                    oom = await connection.call(accounting.oom_kills, box.parent, box.cid)
             # Hang up first: an engine that cannot deliver output would otherwise hold the
             # kill until someone reads it. Then wake the worker threads.
             attachment.hang_up()
@@ -97,11 +104,8 @@ async def run(
                     await connection.use(Engine.kill, box.cid)
     duration = (time.monotonic() - started) * 1000
     await collector.finish()
-    if runner_done and accounting is not None and box.parent is not None:
-        # The program is over by the runner's word; the kernel's count says whether memory ran out.
-        oom = await connection.call(accounting.oom_kills, box.parent, box.cid)
-        if oom is not None:
-            return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
+    if oom is not None:
+        return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
     exit_code, oom_killed = await connection.call(_final_state, connection, box)
     evidence = Evidence(exit_code=exit_code, oom_killed=oom_killed, timed_out=timed_out, output_capped=capped)
     return evidence, duration
