@@ -126,8 +126,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-async def _serve(settings: Settings) -> bool:
-    """Serve until stdin closes (returns False) or a signal arrives (returns True).
+async def _serve(settings: Settings) -> None:
+    """Serve until stdin closes or a signal arrives.
 
     Either way the calls in flight are cancelled (their sandboxes killed, their audit records
     finished as cancelled) and the Sandbox closes, removing every container, before this returns.
@@ -139,17 +139,14 @@ async def _serve(settings: Settings) -> bool:
     """
     from codomyrmex_sandbox.service import Sandbox  # noqa: PLC0415 - see the imports above
 
-    signalled = False
     sandbox = Sandbox(settings)  # before the thread starts: it imports the backend, here
     with ThreadPoolExecutor(1, thread_name_prefix="import-mcp") as imports:
         stdio = imports.submit(importlib.import_module, "codomyrmex_sandbox.stdio")
         async with sandbox, anyio.create_task_group() as tg:
 
             async def stop_on_signal() -> None:
-                nonlocal signalled
                 with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                     async for _ in signals:
-                        signalled = True
                         tg.cancel_scope.cancel()
                         return
 
@@ -159,7 +156,6 @@ async def _serve(settings: Settings) -> bool:
 
             await serve_stdio(sandbox)
             tg.cancel_scope.cancel()
-    return signalled
 
 
 async def _run(settings: Settings, args: argparse.Namespace, code: str, stdin: str | None) -> int:
