@@ -1,8 +1,12 @@
 // Runs user code inside the Node.js image. Reads from stdin one header line
-// "CODOMYRMEX1 <nonce> <code length in bytes>\n", then the code, with exact-size reads so that
-// the rest of stdin is left to the program. The code runs as a CommonJS module named main.js.
+// "CODOMYRMEX1 <nonce> <code length in bytes> <max figures> <max figure bytes>\n" (the last two,
+// for Python's figures, may be missing and are ignored here), then the code, with exact-size
+// reads so that the rest of stdin is left to the program. The code runs as the main CommonJS
+// module /sandbox/main.js, compiled from memory: no file is written, since /sandbox is the
+// user's (an uploaded main.js stays theirs, and every new file there is reported as created).
 'use strict';
 const fs = require('fs');
+const Module = require('module');
 const path = require('path');
 
 function readExact(n) {
@@ -30,7 +34,7 @@ function readHeader() {
     if (r === 0 || one[0] === 10) break;
     line += String.fromCharCode(one[0]);
   }
-  const [magic, nonce, length] = line.split(' ');
+  const [magic, nonce, length] = line.split(' ');  // the figures' limits do not apply here
   if (magic !== 'CODOMYRMEX1') process.exit(125);
   return [nonce, parseInt(length, 10)];
 }
@@ -38,7 +42,6 @@ function readHeader() {
 const [nonce, length] = readHeader();
 const source = readExact(length);
 const file = path.join('/sandbox', 'main.js');
-fs.writeFileSync(file, source);
 // Report a deliberate exit status out of band, on stdout and stderr, so that process.exit(137) is
 // not taken for a SIGKILL and the host knows both streams are complete. Pipes are synchronous on
 // Linux, so everything the program wrote before is already on its way.
@@ -57,4 +60,17 @@ process.on('uncaughtException', (err) => {
   process.exit(1);
 });
 process.argv = [process.argv[0], file];
-require(file);
+// What Node's loader does for `node /sandbox/main.js`, minus reading the file: the module is the
+// main one (`require.main === module`), resolves `require('./x')` and node_modules from
+// /sandbox, and is cached under its name.
+const main = new Module(file, null);
+main.id = '.';
+main.filename = file;
+main.paths = Module._nodeModulePaths(path.dirname(file));
+process.mainModule = main;
+Module._cache[file] = main;
+let text = source.toString('utf8');
+// The loader drops a byte order mark; so does this.
+if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+main._compile(text, file);
+main.loaded = true;

@@ -280,7 +280,7 @@ for root in ("/tmp", "/sandbox", "/dev/shm", "/dev/mqueue"):
 print("hits", hits)
 print("sandbox", sorted(os.listdir("/sandbox")), "tmp", sorted(os.listdir("/tmp")))
 """
-    shell = "echo \"main $(grep -c . /sandbox/main.sh)\"; ls -A /sandbox /tmp | tr '\\n' ' '; echo; history | wc -l"
+    shell = "echo \"main $(grep -c . /tmp/main.sh)\"; ls -A /sandbox /tmp | tr '\\n' ' '; echo; history | wc -l"
     wrote = await server.run(first, **LIMITS)
     python = await server.run(look, **LIMITS)
     bash = await server.run(shell, language="bash", **LIMITS)
