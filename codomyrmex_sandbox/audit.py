@@ -34,6 +34,7 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -51,6 +52,13 @@ SCHEMA_VERSION = 1
 
 def code_digest(code: bytes) -> str:
     return hashlib.sha256(code).hexdigest()
+
+
+def _files_summary(files: Iterable[tuple[str, int]]) -> dict[str, Any]:
+    """Files in or out as an audit record holds them: how many, their total size, their hashes;
+    never their names or their content."""
+    listed = list(files)
+    return {"count": len(listed), "bytes": sum(size for _, size in listed), "sha256": [sha for sha, _ in listed]}
 
 
 def requested_limits(request: ExecutionRequest | None) -> dict[str, Any]:
@@ -175,6 +183,7 @@ class ExecutionAudit:
             code_sha256=code_digest(job.code),
             code_bytes=len(job.code),
             stdin_bytes=None if job.stdin is None else len(job.stdin),
+            files_in=_files_summary((upload.sha256, len(upload.data)) for upload in job.files),
             requested=requested_limits(self._request),
             limits=job.limits.model_dump(),
         )
@@ -202,6 +211,9 @@ class ExecutionAudit:
             stderr_bytes=len(result.stderr.encode("utf-8", "replace")),
             stdout_truncated=result.stdout_truncated,
             stderr_truncated=result.stderr_truncated,
+            files_out=_files_summary((entry.sha256, entry.size_bytes) for entry in result.files),
+            figures_out=_files_summary((entry.sha256, entry.size_bytes) for entry in result.figures),
+            files_complete=result.files_complete,
         )
 
     def _ended(self, outcome: Outcome, error: BaseException | None) -> None:

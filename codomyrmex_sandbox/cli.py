@@ -79,7 +79,11 @@ def _serve_command(settings: Settings, _args: argparse.Namespace) -> int:
 def _run_command(settings: Settings, args: argparse.Namespace) -> int:
     code = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     stdin = Path(args.stdin_file).read_text(encoding="utf-8") if args.stdin_file else None
-    return anyio.run(_run, settings, args, code, stdin)
+    files: dict[str, bytes] = {}
+    for spec in args.upload:
+        local, _, inside = spec.partition("=")
+        files[inside or Path(local).name] = Path(local).read_bytes()
+    return anyio.run(_run, settings, args, code, stdin, files)
 
 
 def _doctor_command(settings: Settings, _args: argparse.Namespace) -> int:
@@ -104,6 +108,20 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--memory", type=int, help="memory limit in MiB")
     run.add_argument("--stdin", dest="stdin_file", help="a file whose contents are the program's stdin")
     run.add_argument("--json", action="store_true", help="print the result as JSON")
+    run.add_argument(
+        "--file",
+        dest="upload",
+        action="append",
+        default=[],
+        metavar="LOCAL[=PATH]",
+        help="upload a local file into the working directory, as PATH (default: its name); repeatable",
+    )
+    run.add_argument(
+        "--out",
+        type=Path,
+        metavar="DIR",
+        help="save the files and figures that come back into DIR (never anywhere outside it)",
+    )
     commands.add_parser("doctor", help="check the engine, the runtime images and the policy")
     client = commands.add_parser("config", help="print the entry that adds this server to an MCP client")
     client.add_argument("client", choices=CLIENTS, help="the client: Claude Desktop, Cursor or Claude Code")
@@ -158,7 +176,9 @@ async def _serve(settings: Settings) -> None:
             tg.cancel_scope.cancel()
 
 
-async def _run(settings: Settings, args: argparse.Namespace, code: str, stdin: str | None) -> int:
+async def _run(
+    settings: Settings, args: argparse.Namespace, code: str, stdin: str | None, files: dict[str, bytes]
+) -> int:
     from codomyrmex_sandbox.service import Sandbox  # noqa: PLC0415 - see the imports above
 
     async def echo(stream: StreamName, text: str) -> None:
@@ -173,8 +193,14 @@ async def _run(settings: Settings, args: argparse.Namespace, code: str, stdin: s
             stdin=stdin,
             timeout_seconds=args.timeout,
             memory_mb=args.memory,
+            files=files or None,
             on_output=None if args.json else echo,
         )
+    if args.out is not None:
+        from codomyrmex_sandbox.saving import save_returned  # noqa: PLC0415 - see the imports above
+
+        for line in save_returned(result, args.out):
+            sys.stderr.write(f"[codomyrmex-sandbox] {line}\n")
     if args.json:
         sys.stdout.write(result.model_dump_json(indent=2) + "\n")
     else:

@@ -6,7 +6,7 @@ import math
 import re
 from collections.abc import Mapping
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -153,17 +153,55 @@ def validate_arguments(model: type[ArgumentsT], arguments: Mapping[str, Any]) ->
     except ValidationError as exc:
         problems = []
         for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(part) for part in err["loc"]) or "arguments"
-            if err["type"] == "extra_forbidden":
+            loc = err["loc"]
+            where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in loc).lstrip(".")
+            if err["type"] == "extra_forbidden" and len(loc) == 1:
                 problems.append(f"unknown argument {where!r} (accepted: {', '.join(model.model_fields)})")
+            elif err["type"] == "extra_forbidden":
+                parent = where[: -len(str(loc[-1])) - 1]
+                accepted = ", ".join(_fields_at(model, loc[:-1]))
+                problems.append(f"{parent}: unknown field {str(loc[-1])!r} (accepted: {accepted})")
             else:
-                problems.append(f"{where}: {err['msg']}")
+                problems.append(f"{where or 'arguments'}: {err['msg']}")
         raise InvalidRequestError("invalid arguments: " + "; ".join(problems) + ".") from exc
+
+
+def _fields_at(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
+    """The field names of the model nested in ``model`` at ``loc`` (list indexes skipped)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        current = _model_in(current.model_fields[part].annotation)
+        if current is None:
+            return []
+    return list(current.model_fields)
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:  # noqa: ANN401 - any type annotation
+    """The model class an annotation holds (``list[M] | None`` -> M), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    return next(filter(None, map(_model_in, get_args(annotation))), None)
 
 
 # The smallest timeout a call may ask for: a real, inclusive bound, so that the schema's ``minimum``
 # and the server's check are the same rule (converters refuse ``exclusiveMinimum``).
 MIN_TIMEOUT_SECONDS = 0.001
+
+
+class InputFile(ToolArguments):
+    """One file to place in the sandbox's working directory before the program starts."""
+
+    path: str = Field(
+        description="Relative POSIX path under the working directory, e.g. data/input.csv: no leading /, "
+        "no . or .. component, at most 255 bytes per component and 1024 in all.",
+        json_schema_extra={"minLength": 1, "maxLength": 1024},
+    )
+    content: str = Field(description="The file's content: UTF-8 text, or base64 when encoding is base64.")
+    encoding: Literal["utf-8", "base64"] = Field(
+        default="utf-8", description="How content is encoded: utf-8 (text) or base64 (binary). Default utf-8."
+    )
 
 
 class ExecutionRequest(ToolArguments):
@@ -201,6 +239,14 @@ class ExecutionRequest(ToolArguments):
         description="Memory limit in MiB, swap included; default {default_memory_mb} MiB.",
         json_schema_extra={FROM_SETTINGS: {"maximum": "max_memory_mb"}},
     )
+    files: list[InputFile] | None = Field(
+        default=None,
+        description="Files to place in the working directory (/sandbox) before the program starts, e.g. "
+        "data to analyse or a project whose tests to run: at most {max_input_files} files and "
+        "{max_input_bytes} bytes in all (decoded). Default none. Files the program creates or changes there "
+        "come back in the result's files, and Python's matplotlib figures in its figures.",
+        json_schema_extra={FROM_SETTINGS: {"maxItems": "max_input_files"}},
+    )
 
 
 class Limits(BaseModel):
@@ -217,6 +263,10 @@ class Limits(BaseModel):
     scratch_mb: int
     output_bytes: int
     network: Literal["none", "egress"] = "none"
+    output_files: int = 32
+    output_file_bytes: int = 4 * MIB
+    output_files_bytes: int = 16 * MIB
+    figures: int = 16
 
 
 class ResourceUsage(BaseModel):
@@ -230,6 +280,30 @@ class ResourceUsage(BaseModel):
     oom_kills: int = Field(
         default=0, description="Processes the kernel killed for lack of memory (at least this many)."
     )
+
+
+OmittedReason = Literal["too_large", "over_total", "over_count", "not_regular"]
+
+
+class ReturnedFile(BaseModel):
+    """A file the program created or changed under the working directory, or a figure it made.
+
+    ``content`` is for the Python API only: the MCP result carries the bytes as content blocks
+    (an image, or an embedded resource), never in its structured content.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(description="Path relative to the working directory; a figure is figure-N.png.")
+    size_bytes: int = Field(description="The file's full size in bytes.")
+    mime_type: str = Field(description="From the name and the content, e.g. image/png, text/csv.")
+    sha256: str = Field(description="SHA-256 of the full content, hex; empty for a not_regular entry (never read).")
+    text: str | None = Field(description="The content when it is valid UTF-8 text and was returned, else null.")
+    omitted: OmittedReason | None = Field(
+        description="Why the content was not returned (too_large, over_total, over_count, not_regular: "
+        "a link, fifo or device, listed but never followed or read); null when it was."
+    )
+    content: bytes | None = Field(default=None, exclude=True, repr=False)
 
 
 class ExecutionResult(BaseModel):
@@ -279,8 +353,25 @@ class ExecutionResult(BaseModel):
     usage: ResourceUsage | None = Field(
         default=None, description="Resources used, from the kernel's cgroup accounting; null where unavailable."
     )
+    files: list[ReturnedFile] = Field(
+        default_factory=list,
+        description="Regular files under the working directory that the program created or changed (and "
+        "links, fifos and devices, listed as not_regular), sorted by path; content as content blocks.",
+    )
+    figures: list[ReturnedFile] = Field(
+        default_factory=list,
+        description="Python: the matplotlib figures shown or left open, as PNG, in creation order.",
+    )
+    files_unlisted: int = Field(
+        default=0, description="Created or changed files found beyond the listing's cap and not listed."
+    )
+    files_complete: bool = Field(
+        default=True,
+        description="False when the files could not all be looked at (the collection's time bound, or a "
+        "program that did not end by itself: timeout, output limit); files then lists what was seen.",
+    )
 
-    def render_text(self) -> str:
+    def render_text(self) -> str:  # noqa: C901 - one line per part of the result
         """A short human-readable rendering: status line, then stdout, then stderr."""
         head = f"status: {self.status.value}"
         if self.exit_code is not None:
@@ -299,6 +390,14 @@ class ExecutionResult(BaseModel):
         ):
             if text or cut:
                 parts.append(f"--- {name}{' (truncated)' if cut else ''} ---\n{text}")
+        for name, entries in (("files", self.files), ("figures", self.figures)):
+            if entries:
+                parts.append(f"--- {name} ---")
+                parts.extend(_entry_line(entry) for entry in entries)
+        if self.files_unlisted:
+            parts.append(f"({self.files_unlisted} more created or changed files not listed)")
+        if not self.files_complete:
+            parts.append("(the files could not all be collected; the list may be incomplete)")
         return "\n".join(parts)
 
     def for_model(self, limit: int) -> ExecutionResult:
@@ -317,6 +416,11 @@ class ExecutionResult(BaseModel):
         if not stdout.omitted_bytes and not stderr.omitted_bytes and (value is None or not value.omitted_bytes):
             return self
         return self.model_copy(update=_excerpt_fields(self, stdout, stderr, value))
+
+
+def _entry_line(entry: ReturnedFile) -> str:
+    line = f"{entry.path} ({entry.size_bytes} bytes, {entry.mime_type})"
+    return line if entry.omitted is None else f"{line}, not returned: {entry.omitted}"
 
 
 def _excerpt_fields(result: ExecutionResult, stdout: Excerpt, stderr: Excerpt, value: Excerpt | None) -> dict[str, Any]:

@@ -68,15 +68,41 @@ class OutputCollector:
     Which stream carries which trailer is the protocol's rule (`protocol.parse_trailer`).
     """
 
-    def __init__(self, cap: int, nonce: str, on_output: OutputCallback | None = None) -> None:
+    def __init__(
+        self,
+        cap: int,
+        nonce: str,
+        on_output: OutputCallback | None = None,
+        *,
+        guard_nonce: str | None = None,
+        max_entry_trailer: int = 0,
+        max_entry_bytes: Mapping[protocol.TrailerKey, int] | None = None,
+    ) -> None:
+        """``guard_nonce`` is the sandbox init's, when it reports the workspace (see `protocol`);
+        a ``fig`` or ``file`` trailer may then be ``max_entry_trailer`` bytes long, and those of each
+        key are kept up to ``max_entry_bytes[key]`` bytes in all (the rest are dropped, so memory
+        stays bounded whatever a sandbox sends, and figures a program forges cannot crowd out the
+        init's files; `workspace.collect` then says the list is incomplete)."""
         self._streams: dict[StreamName, _Stream] = {"stdout": _Stream(cap), "stderr": _Stream(cap)}
-        self._marker = protocol.trailer_marker(nonce)
+        runner_limit = max(protocol.MAX_TRAILER, max_entry_trailer)
+        # Each marker that opens a trailer, whether it is the init's, and the longest trailer it opens.
+        self._markers: list[tuple[bytes, bool, int]] = [(protocol.trailer_marker(nonce), False, runner_limit)]
+        if guard_nonce is not None:
+            self._markers.append((protocol.trailer_marker(guard_nonce), True, max(max_entry_trailer, 64)))
+        self._marker_size = len(self._markers[0][0])  # every marker has the same length
         # Bytes held back per stream: a tail that may start a marker split across chunks (shorter
-        # than the marker), or an open trailer, whole marker included, waiting for its closing NUL.
+        # than a marker), or an open trailer, whole marker included, waiting for its closing NUL;
+        # `_open` says which marker opened it.
         self._held: dict[StreamName, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
+        self._open: dict[StreamName, tuple[bytes, bool, int] | None] = {"stdout": None, "stderr": None}
         self._on_output = on_output
-        self._trailers: dict[protocol.TrailerKey, bytes] = {}  # stdout's
+        self._trailers: dict[protocol.TrailerKey, bytes] = {}  # stdout's single-valued ones
         self._stderr_exit: bytes | None = None
+        self._entries: dict[protocol.TrailerKey, list[bytes]] = {protocol.FIGURE: [], protocol.FILE: []}
+        self._entry_room: dict[protocol.TrailerKey, int] = {protocol.FIGURE: 0, protocol.FILE: 0}
+        self._entry_room |= max_entry_bytes or {}
+        self.entries_dropped = 0
+        self._expects_workspace = guard_nonce is not None
 
     @property
     def over_cap(self) -> bool:
@@ -89,9 +115,19 @@ class OutputCollector:
         return MappingProxyType(self._trailers)
 
     @property
-    def runner_done(self) -> bool:
-        """Both streams carried the runner's exit trailer, with the same status."""
+    def program_done(self) -> bool:
+        """Both streams carried the runner's exit trailer, with the same status: the program is over."""
         return self._stderr_exit is not None and self._trailers.get(protocol.EXIT) == self._stderr_exit
+
+    @property
+    def runner_done(self) -> bool:
+        """The program is over and, where the init reports the workspace, its report has ended too:
+        everything the sandbox will say has arrived."""
+        return self.program_done and (not self._expects_workspace or protocol.FILES_END in self._trailers)
+
+    def entries(self, key: protocol.TrailerKey) -> list[bytes]:
+        """The values of the ``fig`` or ``file`` trailers, in the order they came."""
+        return list(self._entries[key])
 
     async def feed(self, stream: StreamName, chunk: bytes) -> None:
         await self._keep(stream, self._strip_trailers(stream, chunk))
@@ -149,15 +185,15 @@ class OutputCollector:
                 await self._on_output(stream, sanitize(text))
 
     def _strip_trailers(self, stream: StreamName, chunk: bytes) -> bytes:
-        """Remove the runner's trailers from ``chunk`` (and the bytes held from earlier chunks); keep the rest.
+        """Remove the trailers from ``chunk`` (and the bytes held from earlier chunks); keep the rest.
 
-        Linear in the bytes fed, whatever they hold: each byte is searched once for a marker or
-        once for a closing NUL, never both and never again; an open trailer is only appended to.
-        A trailer is at most `protocol.MAX_TRAILER` bytes up to its closing NUL, however it is split.
+        Linear in the bytes fed, whatever they hold: each byte is searched at most once for each
+        marker or once for a closing NUL, never again; an open trailer is only appended to. A
+        trailer is at most its marker's limit in bytes up to its closing NUL, however it is split.
         """
         held = self._held[stream]
         out = bytearray()
-        if len(held) >= len(self._marker):
+        if self._open[stream] is not None:
             pos = self._close_trailer(stream, chunk, out)
             if pos is None:
                 return bytes(out)
@@ -172,62 +208,81 @@ class OutputCollector:
     def _close_trailer(self, stream: StreamName, chunk: bytes, out: bytearray) -> int | None:
         """A trailer is open: its closing NUL can only be in ``chunk``. Where the scan goes on, or None."""
         held = self._held[stream]
+        opened = self._open[stream]
+        assert opened is not None  # noqa: S101 - the caller checked
+        _, guard, limit = opened
         end = chunk.find(protocol.TRAILER_END)
         if end < 0:
-            if len(held) + len(chunk) <= protocol.MAX_TRAILER:
+            if len(held) + len(chunk) <= limit:
                 held += chunk
             else:  # not a trailer after all; no NUL past the marker's, so no other marker in it
                 out += held
                 out += chunk
                 held.clear()
+                self._open[stream] = None
             return None
-        if len(held) + end > protocol.MAX_TRAILER:  # not a trailer after all
+        if len(held) + end > limit:  # not a trailer after all
             out += held
             out += memoryview(chunk)[:end]
             pos = end  # that NUL may start a marker
         else:
             held += memoryview(chunk)[:end]
-            if not self._record(stream, bytes(held[len(self._marker) :])):
+            if not self._record(stream, guard, bytes(held[self._marker_size :])):
                 out += held
                 out += protocol.TRAILER_END
             pos = end + 1
         held.clear()
+        self._open[stream] = None
         return pos
 
     def _scan(self, stream: StreamName, data: bytes, pos: int, out: bytearray) -> None:
         """Move ``data[pos:]`` to ``out``, recording trailers; hold back an open trailer or a partial marker."""
-        marker, held, view = self._marker, self._held[stream], memoryview(data)
+        held, view = self._held[stream], memoryview(data)
+        found = [data.find(marker, pos) for marker, _, _ in self._markers]  # each marker's next place
         while True:
-            start = data.find(marker, pos)
-            if start < 0:
+            for index, (marker, _, _) in enumerate(self._markers):
+                if 0 <= found[index] < pos:  # inside what was just consumed: look again from here
+                    found[index] = data.find(marker, pos)
+            places = [(place, index) for index, place in enumerate(found) if place >= 0]
+            if not places:
                 # Hold back a tail that could be the beginning of a marker split across chunks.
-                cut = len(data) - _partial_prefix(data[max(pos, len(data) - len(marker) + 1) :], marker)
+                tail = data[max(pos, len(data) - self._marker_size + 1) :]
+                cut = len(data) - max(_partial_prefix(tail, marker) for marker, _, _ in self._markers)
                 out += view[pos:cut]
                 held += view[cut:]
                 return
+            start, index = min(places)
+            _, guard, limit = self._markers[index]
             out += view[pos:start]
-            end = data.find(protocol.TRAILER_END, start + len(marker))
+            end = data.find(protocol.TRAILER_END, start + self._marker_size)
             if end < 0:
-                if len(data) - start > protocol.MAX_TRAILER:  # not a trailer after all; nothing after it can be one
+                if len(data) - start > limit:  # not a trailer after all; nothing after it can be one
                     out += view[start:]
                 else:
                     held += view[start:]
+                    self._open[stream] = self._markers[index]
                 return
-            if end - start > protocol.MAX_TRAILER:  # not a trailer after all: release it and scan on from the NUL
+            if end - start > limit:  # not a trailer after all: release it and scan on from the NUL
                 out += view[start:end]
                 pos = end
                 continue
-            if not self._record(stream, data[start + len(marker) : end]):  # a marker but not a trailer: keep it
-                out += view[start : end + 1]
+            if not self._record(stream, guard, data[start + self._marker_size : end]):
+                out += view[start : end + 1]  # a marker but not a trailer: keep it
             pos = end + 1
 
-    def _record(self, stream: StreamName, body: bytes) -> bool:
+    def _record(self, stream: StreamName, guard: bool, body: bytes) -> bool:  # noqa: FBT001 - private
         """Keep a trailer's value; False when ``body`` is not a trailer on this stream (it stays output)."""
-        parsed = protocol.parse_trailer(stream, body)
+        parsed = protocol.parse_trailer(stream, body, guard=guard)
         if parsed is None:
             return False
         key, value = parsed
-        if stream == "stdout":
+        if key in self._entries:
+            if len(value) <= self._entry_room[key]:
+                self._entries[key].append(value)
+                self._entry_room[key] -= len(value)
+            else:
+                self.entries_dropped += 1
+        elif stream == "stdout":
             self._trailers[key] = value
         else:
             self._stderr_exit = value

@@ -80,6 +80,10 @@ def _limits(policy: LimitPolicy, timeout: float, memory: int) -> Limits:
         scratch_mb=policy.scratch_mb,
         output_bytes=policy.max_output_bytes,
         network=policy.network,
+        output_files=policy.max_output_files,
+        output_file_bytes=policy.max_output_file_bytes,
+        output_files_bytes=policy.max_output_files_bytes,
+        figures=policy.max_figures,
     )
 
 

@@ -1,12 +1,13 @@
 """The runner protocol: how the host and the in-sandbox runner talk, in one place.
 
 Every runtime's runner (``runtimes/<language>/runner.*``) and every backend follow this module;
-``runtimes/README.md`` points here. The host writes to the sandbox's stdin one header line, then
+``runtimes/README.md`` points here. The host writes to the runner's stdin one header line, then
 the code, then the program's own stdin::
 
-    CODOMYRMEX1 <nonce> <code length in bytes>\\n<code><stdin...>
+    CODOMYRMEX1 <nonce> <code length in bytes> <max figures> <max figure bytes>\\n<code><stdin...>
 
-The runner reads exactly the header and the code and leaves the rest of stdin to the program.
+The runner reads exactly the header and the code and leaves the rest of stdin to the program
+(runners accept a header without the last two fields: 16 figures of 4 MiB).
 The nonce (`new_nonce`) is fresh per execution and known only to the host and the runner, so a
 program cannot forge what the runner reports out of band, in *trailers* written into the output
 streams::
@@ -15,13 +16,33 @@ streams::
 
 - ``rv`` (stdout only): the base64 of the UTF-8 ``repr()`` of the last expression's value, when
   the program succeeded and its last statement is an expression (the Python runner).
+- ``fig`` (stdout only, Python): one matplotlib figure the program showed or left open, in the
+  order they were created: ``<size> <sha256 hex | -> <omitted | -> <base64 PNG | ->``.
 - ``exit`` (stdout and stderr): the decimal status of a deliberate exit, written as the very last
   thing the program does. It tells ``sys.exit(137)`` apart from a SIGKILL, and once it has
   arrived on both streams the host knows each stream is complete.
 
-A trailer is at most `MAX_TRAILER` bytes from its marker to its closing NUL; anything longer, a
-key that is not one of the above on that stream, or a body without ``=``, is not a trailer and
-stays in the output. The host strips trailers from the output (`codomyrmex_sandbox.output`).
+**The workspace.** With the lease (see `codomyrmex_sandbox.backends.docker.attach`), the runner's
+input is preceded by a header line and the uploaded files, which only the sandbox's init reads::
+
+    CODOMYRMEX-WS1 <guard nonce> <files length> <max returned> <max file bytes> <max total bytes>
+                   <max listed> <budget ms>\\n   (one line)
+    <files: per file "<path length> <content length>\\n<path><content>"><runner input>
+
+The init writes the files into the working directory before the runner gets its input, and once
+the program has ended (and everything else in the sandbox is killed) reports what the program
+left there, in trailers of its own on stdout, under a second nonce that no process in the
+sandbox ever sees (the runner's nonce is in the runner's memory, which the program shares)::
+
+    \\0<guard nonce>:file=<base64 path> <size> <sha256 hex | -> <omitted | -> <base64 content | ->\\0
+    \\0<guard nonce>:files-end=<listed> <unlisted> <complete 1 | 0>\\0
+
+A trailer is at most a bounded number of bytes from its marker to its closing NUL
+(`MAX_TRAILER` for ``rv`` and ``exit``; the backend sizes ``fig`` and ``file`` from the
+limits); anything longer, a key that is not one of the above on that stream under that nonce,
+or a body without ``=``, is not a trailer and stays in the output. The host strips trailers from
+the output (`codomyrmex_sandbox.output`) and checks every workspace entry as untrusted data
+(`codomyrmex_sandbox.workspace`).
 """
 
 from __future__ import annotations
@@ -35,15 +56,30 @@ from typing import Final, Literal
 
 HEADER_MAGIC: Final = "CODOMYRMEX1"
 
-TrailerKey = Literal["rv", "exit"]
+WORKSPACE_MAGIC: Final = "CODOMYRMEX-WS1"
+
+TrailerKey = Literal["rv", "exit", "fig", "file", "files-end"]
 RETURN_VALUE: Final[TrailerKey] = "rv"
 EXIT: Final[TrailerKey] = "exit"
+FIGURE: Final[TrailerKey] = "fig"
+FILE: Final[TrailerKey] = "file"
+FILES_END: Final[TrailerKey] = "files-end"
+_KEYS: Final[Mapping[bytes, TrailerKey]] = MappingProxyType(
+    {b"rv": RETURN_VALUE, b"exit": EXIT, b"fig": FIGURE, b"file": FILE, b"files-end": FILES_END}
+)
 
-# The keys each stream may carry; any other key is output.
+# The keys each stream may carry under the runner's nonce; any other key is output.
 STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
     {
-        "stdout": frozenset({b"rv", b"exit"}),
+        "stdout": frozenset({b"rv", b"exit", b"fig"}),
         "stderr": frozenset({b"exit"}),
+    }
+)
+# The keys each stream may carry under the init's (guard's) nonce.
+GUARD_STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
+    {
+        "stdout": frozenset({b"file", b"files-end"}),
+        "stderr": frozenset(),
     }
 )
 
@@ -62,9 +98,29 @@ def new_nonce() -> str:
     return secrets.token_hex(16)
 
 
-def runner_header(nonce: str, code: bytes) -> bytes:
-    """The first line the in-sandbox runner reads: magic, nonce, code length."""
-    return f"{HEADER_MAGIC} {nonce} {len(code)}\n".encode("ascii")
+def runner_header(nonce: str, code: bytes, max_figures: int = 16, max_figure_bytes: int = 4 * 1024 * 1024) -> bytes:
+    """The first line the in-sandbox runner reads: magic, nonce, code length, the figures' limits."""
+    return f"{HEADER_MAGIC} {nonce} {len(code)} {max_figures} {max_figure_bytes}\n".encode("ascii")
+
+
+def workspace_header(
+    guard_nonce: str,
+    files: bytes,
+    *,
+    max_returned: int,
+    max_file_bytes: int,
+    max_total_bytes: int,
+    max_listed: int,
+    budget_ms: int,
+) -> bytes:
+    """The first line the sandbox's init reads (see the module docstring); ``files`` from `files_section`."""
+    fields = (len(files), max_returned, max_file_bytes, max_total_bytes, max_listed, budget_ms)
+    return f"{WORKSPACE_MAGIC} {guard_nonce} {' '.join(str(field) for field in fields)}\n".encode("ascii")
+
+
+def files_section(files: list[tuple[bytes, bytes]]) -> bytes:
+    """The uploaded files as the init reads them: per file its path's and content's lengths, then both."""
+    return b"".join(b"%d %d\n" % (len(path), len(content)) + path + content for path, content in files)
 
 
 def trailer_marker(nonce: str) -> bytes:
@@ -77,12 +133,16 @@ def trailer(nonce: str, key: TrailerKey, value: bytes) -> bytes:
     return trailer_marker(nonce) + key.encode("ascii") + b"=" + value + TRAILER_END
 
 
-def parse_trailer(stream: str, body: bytes) -> tuple[TrailerKey, bytes] | None:
-    """The key and value of a trailer's body (between marker and NUL), or None: then it is output."""
+def parse_trailer(stream: str, body: bytes, *, guard: bool = False) -> tuple[TrailerKey, bytes] | None:
+    """The key and value of a trailer's body (between marker and NUL), or None: then it is output.
+
+    ``guard`` says the trailer came under the init's nonce, whose keys differ from the runner's.
+    """
     key, sep, value = body.partition(b"=")
-    if not sep or key not in STREAM_KEYS.get(stream, frozenset()):
+    allowed = (GUARD_STREAM_KEYS if guard else STREAM_KEYS).get(stream, frozenset())
+    if not sep or key not in allowed:
         return None
-    return ("rv" if key == b"rv" else "exit"), value
+    return _KEYS[key], value
 
 
 def encode_return_value(text: str) -> bytes:

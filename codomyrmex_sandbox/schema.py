@@ -74,11 +74,10 @@ def flat_schema(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, 
     default): a tool's arguments are kept simple enough for every client library.
     """
     generated = model.model_json_schema()
-    if "$defs" in generated:
-        raise TypeError(f"{model.__name__} has nested definitions; a tool's input schema must be flat")
+    definitions = generated.get("$defs", {})
     properties: dict[str, Any] = {}
     for name, spec in generated["properties"].items():
-        properties[name] = _flat_property(name, spec, values)
+        properties[name] = _flat_property(name, spec, values, definitions)
         default = model.model_fields[name].default  # PydanticUndefined when required or made by a factory
         if default is not None and default is not PydanticUndefined:
             stated = f"default {default}".lower()
@@ -93,7 +92,9 @@ def flat_schema(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, 
     return schema
 
 
-def _flat_property(name: str, generated: Mapping[str, Any], values: Mapping[str, Any]) -> dict[str, Any]:
+def _flat_property(
+    name: str, generated: Mapping[str, Any], values: Mapping[str, Any], definitions: Mapping[str, Any]
+) -> dict[str, Any]:
     spec = {key: value for key, value in generated.items() if key not in {"title", "default"}}
     branches = spec.pop("anyOf", None)
     if branches is not None:  # pydantic's form of ``T | None``: the T branch carries T's bounds
@@ -101,6 +102,11 @@ def _flat_property(name: str, generated: Mapping[str, Any], values: Mapping[str,
         if len(kinds) != 1 or len(branches) != 2 or not isinstance(kinds[0].get("type"), str):  # noqa: PLR2004 - T and null
             raise TypeError(f"{name}: only an optional simple type has a flat form, not {branches}")
         spec = {**kinds[0], **spec}  # just T: the server takes null as the default
+    items = spec.get("items")
+    if isinstance(items, Mapping) and "$ref" in items:  # an array of objects: the object, inlined
+        spec["items"] = _flat_object(name, definitions[items["$ref"].rsplit("/", 1)[-1]], values, definitions)
+    elif "$ref" in spec:
+        raise TypeError(f"{name}: a nested object has a flat form only as an array's items")
     for keyword, setting in spec.pop(FROM_SETTINGS, {}).items():
         spec[keyword] = values[setting]
     if "description" in spec:
@@ -108,6 +114,23 @@ def _flat_property(name: str, generated: Mapping[str, Any], values: Mapping[str,
     first = {key: spec[key] for key in _FIRST if key in spec}
     bounds = {key: value for key, value in spec.items() if key not in first and key != "description"}
     return first | bounds | ({"description": spec["description"]} if "description" in spec else {})
+
+
+def _flat_object(
+    name: str, generated: Mapping[str, Any], values: Mapping[str, Any], definitions: Mapping[str, Any]
+) -> dict[str, Any]:
+    """An object nested in an array, inlined: its properties flat, like the top level's (no ``$ref``,
+    no ``additionalProperties``: the server refuses unknown fields itself, naming them)."""
+    properties = {
+        field: _flat_property(f"{name}.{field}", spec, values, definitions)
+        for field, spec in generated["properties"].items()
+    }
+    flat: dict[str, Any] = {"type": "object", "properties": properties}
+    if generated.get("required"):
+        flat["required"] = generated["required"]
+    if generated.get("description"):
+        flat["description"] = generated["description"]
+    return flat
 
 
 def portable_schema_problems(schema: Mapping[str, Any]) -> list[str]:

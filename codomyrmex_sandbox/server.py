@@ -9,8 +9,10 @@ the stdio transport, hardened against what a client may send, is in `stdio`.
 
 from __future__ import annotations
 
+import base64
 import time
 from typing import Any
+from urllib.parse import quote
 
 import anyio
 import anyio.to_thread
@@ -27,11 +29,13 @@ from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request
 from codomyrmex_sandbox.output import StreamName
 from codomyrmex_sandbox.schema import input_schema
 from codomyrmex_sandbox.service import Sandbox
+from codomyrmex_sandbox.workspace import IMAGE_TYPES
 
 TOOL_NAME = "execute_code"
 STREAM_INTERVAL_SECONDS = 0.1
 STREAM_MESSAGE_CHARS = 16_384
 STREAM_BACKLOG_CHARS = 65_536
+CONTENT_OFF_LOOP_BYTES = 256 * 1024
 
 
 def tool_description(sandbox: Sandbox) -> str:
@@ -45,7 +49,10 @@ def tool_description(sandbox: Sandbox) -> str:
         "Run code in a fresh, isolated sandbox and return its output. Each call starts from a clean "
         "machine: nothing persists between calls, there is no access to the host's files, and "
         f"{network}. Languages: {', '.join(sandbox.languages)}. Python returns the repr of a final "
-        "expression as return_value and has numpy, pandas and matplotlib (Agg). Read `status` "
+        "expression as return_value and has numpy, pandas, matplotlib and pytest. Pass `files` to put data "
+        "or a project in the working directory (/sandbox); files the program creates or changes there "
+        "come back in the result, and Python's matplotlib figures (plt.show() or left open) come back as "
+        "PNG images. Read `status` "
         "(success, error, timeout, memory_limit, output_limit, killed, cancelled) to see how it ended."
     )
 
@@ -122,11 +129,40 @@ async def _call_execute(
         shown = outcome.for_model(limit)
     else:
         shown = await anyio.to_thread.run_sync(outcome.for_model, limit)
+    # Returned files and figures travel as content blocks, never in the structured content: base64
+    # of megabytes is built in a worker thread.
+    returned = sum(entry.size_bytes for entry in (*outcome.files, *outcome.figures) if entry.content is not None)
+    if returned > CONTENT_OFF_LOOP_BYTES:
+        blocks = await anyio.to_thread.run_sync(content_blocks, outcome)
+    else:
+        blocks = content_blocks(outcome)
     return types.CallToolResult(
-        content=[types.TextContent(type="text", text=shown.render_text())],
+        content=[types.TextContent(type="text", text=shown.render_text()), *blocks],
         structured_content=shown.model_dump(mode="json"),
         is_error=False,
     )
+
+
+def content_blocks(result: ExecutionResult) -> list[types.ContentBlock]:
+    """One block per returned figure and file: an image for PNG, JPEG, GIF and WebP content, else an
+    embedded resource at ``sandbox://executions/{execution_id}/files/{path}`` (text or base64 blob)."""
+    blocks: list[types.ContentBlock] = []
+    for entry in (*result.figures, *result.files):
+        if entry.content is None:
+            continue
+        if entry.mime_type in IMAGE_TYPES:
+            data = base64.b64encode(entry.content).decode("ascii")
+            blocks.append(types.ImageContent(type="image", data=data, mime_type=entry.mime_type))
+            continue
+        uri = f"sandbox://executions/{result.execution_id}/files/{quote(entry.path, safe='/')}"
+        resource: types.TextResourceContents | types.BlobResourceContents
+        if entry.text is not None:
+            resource = types.TextResourceContents(uri=uri, mime_type=entry.mime_type, text=entry.text)
+        else:
+            blob = base64.b64encode(entry.content).decode("ascii")
+            resource = types.BlobResourceContents(uri=uri, mime_type=entry.mime_type, blob=blob)
+        blocks.append(types.EmbeddedResource(type="resource", resource=resource))
+    return blocks
 
 
 def _validated(sandbox: Sandbox, arguments: dict[str, Any]) -> tuple[ExecutionRequest | None, float | None]:

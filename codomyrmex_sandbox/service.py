@@ -19,7 +19,8 @@ built), the call waits for an admission slot, and the backend runs the job.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import base64
+from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
 from typing import Any, Self
@@ -30,11 +31,12 @@ from codomyrmex_sandbox.admission import Admission
 from codomyrmex_sandbox.audit import AuditLog
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
 from codomyrmex_sandbox.errors import ConfigurationError, SandboxError
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, Limits, request_from_arguments
+from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, InputFile, Limits, request_from_arguments
 from codomyrmex_sandbox.output import OutputCallback
 from codomyrmex_sandbox.policy import check_payload, resolve_limits, resolve_policies
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
+from codomyrmex_sandbox.workspace import check_files
 
 
 class Sandbox:
@@ -124,16 +126,24 @@ class Sandbox:
         stdin: str | None = None,
         timeout_seconds: float | None = None,
         memory_mb: int | None = None,
+        files: FilesArgument | None = None,
         on_output: OutputCallback | None = None,
         client: str | None = None,
     ) -> ExecutionResult:
-        """Run ``code`` once in a fresh sandbox and return how it ended."""
+        """Run ``code`` once in a fresh sandbox and return how it ended.
+
+        ``files`` go into the working directory before the program starts: a mapping of relative
+        path to content (bytes, or str for UTF-8 text), or the tool's entries (`InputFile` or dicts
+        of path, content, encoding). The result's ``files`` and ``figures`` carry what came back,
+        each with its bytes in ``content``.
+        """
         arguments = {
             "code": code,
             "language": language,
             "stdin": stdin,
             "timeout_seconds": timeout_seconds,
             "memory_mb": memory_mb,
+            "files": file_entries(files),
         }
         return await self._execute(arguments, on_output, client)
 
@@ -170,13 +180,32 @@ class Sandbox:
             request = call if isinstance(call, ExecutionRequest) else request_from_arguments(call)
             audit.requested(request)
             limits = self.effective_limits(request)
-            code, stdin = check_payload(request, self.policies[request.language])
-            job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output)
+            policy = self.policies[request.language]
+            code, stdin = check_payload(request, policy)
+            uploads = check_files(request.files, policy, language=request.language)
+            job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output, uploads)
             async with self.admission.slot():
                 audit.started(job)
                 result = await self.backend.execute(job)
                 audit.finished(result)
             return result
+
+
+FilesArgument = Mapping[str, bytes | str] | Sequence[InputFile | Mapping[str, Any]]
+
+
+def file_entries(files: FilesArgument | None) -> list[Any] | None:
+    """The Python API's ``files`` as the tool's entries: bytes travel as base64, str as UTF-8 text."""
+    if files is None:
+        return None
+    if isinstance(files, Mapping):
+        return [
+            {"path": path, "content": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
+            if isinstance(data, bytes | bytearray | memoryview)
+            else {"path": path, "content": data}
+            for path, data in files.items()
+        ]
+    return [entry.model_dump() if isinstance(entry, InputFile) else entry for entry in files]
 
 
 def _language_named(call: ExecutionRequest | Mapping[str, Any]) -> str:
@@ -194,6 +223,7 @@ def run_code(
     stdin: str | None = None,
     timeout_seconds: float | None = None,
     memory_mb: int | None = None,
+    files: FilesArgument | None = None,
     settings: Settings | None = None,
 ) -> ExecutionResult:
     """Synchronous convenience for scripts: open a Sandbox, run once, close it."""
@@ -201,7 +231,12 @@ def run_code(
     async def once() -> ExecutionResult:
         async with Sandbox(settings) as sandbox:
             return await sandbox.execute(
-                code, language=language, stdin=stdin, timeout_seconds=timeout_seconds, memory_mb=memory_mb
+                code,
+                language=language,
+                stdin=stdin,
+                timeout_seconds=timeout_seconds,
+                memory_mb=memory_mb,
+                files=files,
             )
 
     return anyio.run(once)

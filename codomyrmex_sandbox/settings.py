@@ -70,6 +70,19 @@ class LimitFields(BaseModel):
     max_output_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = MIB
     max_code_bytes: Annotated[int, Field(ge=1, le=64 * MIB)] = MIB
     max_stdin_bytes: Annotated[int, Field(ge=0, le=64 * MIB)] = MIB
+    # Files in and out (see MCP_TOOL_SPECIFICATION.md, "Files"): uploads are decoded bytes.
+    max_input_files: Annotated[int, Field(ge=0, le=10_000)] = 64
+    max_input_bytes: Annotated[int, Field(ge=0, le=1024 * MIB)] = 16 * MIB
+    max_output_files: Annotated[int, Field(ge=0, le=1000)] = Field(
+        default=32, description="Files returned with their content; the rest are listed with omitted over_count."
+    )
+    max_output_file_bytes: Annotated[int, Field(ge=1024, le=256 * MIB)] = Field(
+        default=4 * MIB, description="The largest file or figure returned with its content."
+    )
+    max_output_files_bytes: Annotated[int, Field(ge=0, le=1024 * MIB)] = Field(
+        default=16 * MIB, description="The content of all returned files together (figures have their own cap)."
+    )
+    max_figures: Annotated[int, Field(ge=0, le=256)] = 16
     network: Literal["none", "egress"] = Field(
         default="none",
         description="none (default): no network. egress: the public internet only, never the host, "
@@ -90,6 +103,8 @@ class LimitPolicy(LimitFields):
             raise ValueError("default_timeout_seconds must not exceed max_timeout_seconds")
         if self.default_memory_mb > self.max_memory_mb:
             raise ValueError("default_memory_mb must not exceed max_memory_mb")
+        if self.max_input_bytes > self.scratch_mb * MIB:
+            raise ValueError("max_input_bytes must not exceed the scratch space (scratch_mb): uploads live there")
         return self
 
 
@@ -111,6 +126,12 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "max_output_bytes": 256 * 1024,
         "max_code_bytes": 256 * 1024,
         "max_stdin_bytes": 256 * 1024,
+        "max_input_files": 16,
+        "max_input_bytes": 4 * MIB,
+        "max_output_files": 16,
+        "max_output_file_bytes": MIB,
+        "max_output_files_bytes": 4 * MIB,
+        "max_figures": 8,
     },
     "data-science": {
         "default_timeout_seconds": 120.0,
@@ -122,6 +143,12 @@ BUILTIN_PROFILES: dict[str, dict[str, Any]] = {
         "file_size_mb": 512,
         "scratch_mb": 1024,
         "max_output_bytes": 4 * MIB,
+        "max_input_files": 256,
+        "max_input_bytes": 128 * MIB,
+        "max_output_files": 64,
+        "max_output_file_bytes": 16 * MIB,
+        "max_output_files_bytes": 64 * MIB,
+        "max_figures": 32,
     },
 }
 
@@ -160,6 +187,11 @@ class Settings(BaseSettings, LimitFields):
     )
     audit_log_path: Path | None = Field(
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
+    )
+    files_collect_seconds: Annotated[float, Field(gt=0, le=600, allow_inf_nan=False)] = Field(
+        default=2.0,
+        description="How long looking at the files a program left may take (hashing included); beyond it the "
+        "result lists what was seen and says files_complete false.",
     )
     reaper_interval_seconds: Annotated[float, Field(gt=0, le=3600)] = 30.0
     pool_size: Annotated[int, Field(ge=0, le=64)] = Field(

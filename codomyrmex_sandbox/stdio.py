@@ -79,14 +79,19 @@ async def _gate(
         get_logger(_LOGGER).info("messages_not_sent", count=dropped, reason="stdin closed")
 
 
+FILE_OVERHEAD_CHARS = 8 * 1024  # an uploaded file's path (1,024 bytes, escaped) and field names
+
+
 def max_message_chars(sandbox: Sandbox) -> int:
     """The longest stdin line the server reads: a few times the largest valid request.
 
-    JSON may spell each byte of code or stdin as a six-character escape, so the bound is six times
-    the largest code plus stdin that any language accepts, and room for the rest of the message.
+    JSON may spell each byte of code, stdin or a text file as a six-character escape, so the bound
+    is six times the largest code, stdin and uploaded files that any language accepts, and room for
+    the rest of the message (each file's path and fields included).
     """
-    largest = max(p.max_code_bytes + p.max_stdin_bytes for p in sandbox.policies.values())
-    return 6 * largest + MESSAGE_OVERHEAD_CHARS
+    largest = max(p.max_code_bytes + p.max_stdin_bytes + p.max_input_bytes for p in sandbox.policies.values())
+    files = max(p.max_input_files for p in sandbox.policies.values())
+    return 6 * largest + MESSAGE_OVERHEAD_CHARS + files * FILE_OVERHEAD_CHARS
 
 
 class _StdinLines(anyio.AsyncFile[str]):

@@ -9,12 +9,17 @@ from __future__ import annotations
 
 import signal as _signal
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
+import anyio.to_thread
+
+from codomyrmex_sandbox import protocol
 from codomyrmex_sandbox.models import ExecutionResult, Limits, ResourceUsage, Status
 from codomyrmex_sandbox.output import OutputCallback, OutputCollector
 from codomyrmex_sandbox.protocol import HEADER_MAGIC, new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import RuntimeSpec
+from codomyrmex_sandbox.workspace import UploadedFile, collect
 
 # The runner protocol lives in `codomyrmex_sandbox.protocol`; these names stay importable from here.
 __all__ = [
@@ -30,6 +35,9 @@ __all__ = [
 ]
 
 
+_OFF_LOOP_BYTES = 64 * 1024  # workspace entries larger than this in all are read in a worker thread
+
+
 @dataclass(frozen=True)
 class Job:
     """One execution as a backend sees it: validated payload, effective limits, a runtime."""
@@ -40,6 +48,7 @@ class Job:
     stdin: bytes | None
     limits: Limits
     on_output: OutputCallback | None = None
+    files: tuple[UploadedFile, ...] = ()  # written into the working directory before the program starts
 
 
 @dataclass(frozen=True)
@@ -137,9 +146,19 @@ async def build_result(
     runtime_version: str,
     *,
     usage: ResourceUsage | None = None,
+    workspace: bool = False,
 ) -> ExecutionResult:
-    """The result of a run that ended. Large texts are sanitized in a worker thread, off the event loop."""
+    """The result of a run that ended. Large texts are sanitized in a worker thread, off the event loop.
+
+    ``workspace`` says the sandbox's init reported the files the program left (the collector then
+    knows its nonce): a result without that report says its files are incomplete.
+    """
     status, exit_code, signal = decide(evidence, collector.reported_exit())
+    entries = (collector.entries(protocol.FILE), collector.entries(protocol.FIGURE))
+    gather = partial(collect, *entries, collector.trailers.get(protocol.FILES_END), job.limits, expected=workspace)
+    # Decoding and hashing megabytes of content is work for a worker thread, not the event loop.
+    large = sum(len(value) for values in entries for value in values) > _OFF_LOOP_BYTES
+    out = await anyio.to_thread.run_sync(gather) if large else gather()
     return ExecutionResult(
         execution_id=job.execution_id,
         status=status,
@@ -154,4 +173,8 @@ async def build_result(
         language=job.runtime.name,
         runtime=runtime_version,
         usage=usage,
+        files=out.files,
+        figures=out.figures,
+        files_unlisted=out.unlisted,
+        files_complete=out.complete and not collector.entries_dropped,
     )

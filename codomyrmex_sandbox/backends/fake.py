@@ -30,6 +30,7 @@ from codomyrmex_sandbox.errors import RuntimeUnavailableError
 from codomyrmex_sandbox.models import ExecutionResult
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import RuntimeSpec
+from codomyrmex_sandbox.workspace import entry_room, figure_trailer, guard_trailers, trailer_limit
 
 
 @dataclass
@@ -42,6 +43,13 @@ class FakeRun:
     return_value: str | None = None
     oom_killed: bool = False
     signal_exit: int | None = None
+    # The working directory as the program leaves it: path to content, None for a link, fifo or
+    # device. It starts with the uploads; the init reports what differs from them.
+    workspace: dict[str, bytes | None] = field(default_factory=dict)
+    figures: list[bytes] = field(default_factory=list)  # PNGs the program showed, in order
+
+    def __post_init__(self) -> None:
+        self.workspace.update({upload.path: upload.data for upload in self.job.files})
 
     @property
     def code(self) -> str:
@@ -104,8 +112,15 @@ class FakeBackend:
         if job.runtime.name in self._missing:
             raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
         self.jobs.append(dataclasses.replace(job, on_output=None))  # the callback would keep its caller alive
-        nonce = protocol.new_nonce()
-        collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
+        nonce, guard_nonce = protocol.new_nonce(), protocol.new_nonce()
+        collector = OutputCollector(
+            job.limits.output_bytes,
+            nonce,
+            job.on_output,
+            guard_nonce=guard_nonce,
+            max_entry_trailer=trailer_limit(job.limits.output_file_bytes),
+            max_entry_bytes=entry_room(job.limits),
+        )
         run = FakeRun(job, collector)
         started = time.monotonic()
         exit_code: int | None = None
@@ -130,7 +145,12 @@ class FakeBackend:
             self.running -= 1
             self._plays.discard(tg.cancel_scope)
         if exit_code is not None and run.signal_exit is None:  # the program ended by itself: the runner reports
+            for png in run.figures:
+                await collector.feed("stdout", figure_trailer(nonce, png))
             await _report(collector, nonce, exit_code, run.return_value)
+        if exit_code is not None:  # the init reports the files once the program is over, however it ended
+            for trailer in guard_trailers(guard_nonce, run.workspace, job.files, job.limits):
+                await collector.feed("stdout", trailer)
         await collector.finish()
         if run.signal_exit is not None:
             exit_code = 128 + run.signal_exit
@@ -141,7 +161,8 @@ class FakeBackend:
             output_capped=collector.over_cap,
         )
         version = f"{job.runtime.name} (fake)"
-        return await build_result(job, collector, evidence, (time.monotonic() - started) * 1000, version)
+        duration = (time.monotonic() - started) * 1000
+        return await build_result(job, collector, evidence, duration, version, workspace=True)
 
 
 async def _report(collector: OutputCollector, nonce: str, exit_code: int, return_value: str | None) -> None:

@@ -1,7 +1,7 @@
 """Filesystem escape and persistence (FS-01 to FS-06, FS-12, FS-13): a sandbox sees only its own files.
 
-FS-07 to FS-11 (artifacts collected from a sandbox, uploaded files and archives) concern the
-``files`` feature, which does not exist yet: not applicable in this version.
+FS-07 to FS-11 (files collected from a sandbox, uploaded files and archives) are in
+test_attacks_files.py.
 """
 
 from __future__ import annotations

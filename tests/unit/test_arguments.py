@@ -170,4 +170,5 @@ async def test_the_python_api_takes_the_same_lenient_forms():
         "stdin": None,
         "timeout_seconds": None,
         "memory_mb": 64,
+        "files": None,
     }

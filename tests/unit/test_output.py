@@ -379,7 +379,8 @@ def test_the_protocol_writes_what_the_collector_reads():
     nonce = protocol_module.new_nonce()
     assert len(nonce) == 32 and int(nonce, 16) >= 0
     assert protocol_module.new_nonce() != nonce
-    assert protocol_module.runner_header(nonce, b"print(1)") == f"CODOMYRMEX1 {nonce} 8\n".encode()
+    assert protocol_module.runner_header(nonce, b"print(1)") == f"CODOMYRMEX1 {nonce} 8 16 4194304\n".encode()
+    assert protocol_module.runner_header(nonce, b"x", 3, 1024) == f"CODOMYRMEX1 {nonce} 1 3 1024\n".encode()
     assert protocol_module.trailer(NONCE, "exit", b"3") == trailer("exit", b"3")
     assert protocol_module.parse_trailer("stdout", b"rv=QQ==") == ("rv", b"QQ==")
     assert protocol_module.parse_trailer("stderr", b"exit=0") == ("exit", b"0")

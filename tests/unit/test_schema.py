@@ -49,6 +49,37 @@ EXPECTED: dict[str, Any] = {
             "maximum": 2048,
             "description": "Memory limit in MiB, swap included; default 256 MiB.",
         },
+        "files": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "path": {
+                        "type": "string",
+                        "minLength": 1,
+                        "maxLength": 1024,
+                        "description": "Relative POSIX path under the working directory, e.g. data/input.csv: no "
+                        "leading /, no . or .. component, at most 255 bytes per component and 1024 in all.",
+                    },
+                    "content": {
+                        "type": "string",
+                        "description": "The file's content: UTF-8 text, or base64 when encoding is base64.",
+                    },
+                    "encoding": {
+                        "type": "string",
+                        "enum": ["utf-8", "base64"],
+                        "description": "How content is encoded: utf-8 (text) or base64 (binary). Default utf-8.",
+                    },
+                },
+                "required": ["path", "content"],
+                "description": "One file to place in the sandbox's working directory before the program starts.",
+            },
+            "maxItems": 64,
+            "description": "Files to place in the working directory (/sandbox) before the program starts, e.g. "
+            "data to analyse or a project whose tests to run: at most 64 files and 16777216 bytes in all "
+            "(decoded). Default none. Files the program creates or changes there come back in the result's "
+            "files, and Python's matplotlib figures in its figures.",
+        },
     },
     "required": ["code"],
 }

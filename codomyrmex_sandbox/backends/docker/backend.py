@@ -41,10 +41,13 @@ from codomyrmex_sandbox.policy import default_limits
 from codomyrmex_sandbox.protocol import new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import VERSION_LABEL, RuntimeSpec
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
+from codomyrmex_sandbox.workspace import entry_room, trailer_limit, workspace_payload
 
 LOGGER = "codomyrmex_sandbox.docker"
 DEFAULT_LANGUAGE: str = ExecutionRequest.model_fields["language"].default  # what a lone call almost always uses
 RECONNECT_INTERVAL_SECONDS = 1.0  # how often upkeep tries the engine again while it is away
+# Beyond the init's own time bound on looking at the files: time to carry its report over.
+COLLECT_SLACK_SECONDS = 5.0
 
 
 class DockerBackend:
@@ -162,9 +165,22 @@ class DockerBackend:
 
     async def execute(self, job: Job) -> ExecutionResult:
         version = await self._version_of(job.runtime)
-        nonce = new_nonce()
-        payload = runner_header(nonce, job.code) + job.code + (job.stdin or b"")
-        collector = OutputCollector(job.limits.output_bytes, nonce, job.on_output)
+        nonce, guard_nonce, limits = new_nonce(), new_nonce(), job.limits
+        budget = self._settings.files_collect_seconds
+        payload = (
+            workspace_payload(job.files, guard_nonce, limits, budget)
+            + runner_header(nonce, job.code, limits.figures, limits.output_file_bytes)
+            + job.code
+            + (job.stdin or b"")
+        )
+        collector = OutputCollector(
+            limits.output_bytes,
+            nonce,
+            job.on_output,
+            guard_nonce=guard_nonce,
+            max_entry_trailer=trailer_limit(limits.output_file_bytes),
+            max_entry_bytes=entry_room(limits),
+        )
         box: Box | None = None
         try:
             box = await self._take_warm(job)
@@ -176,7 +192,13 @@ class DockerBackend:
             # The container id is in no result field; this record ties it to the execution's audit records.
             get_logger(LOGGER).info("sandbox_assigned", execution_id=job.execution_id, container_id=box.cid, warm=warm)
             evidence, duration_ms = await execution.run(
-                box, job, payload, collector, connection=self._connection, accounting=self._accounting
+                box,
+                job,
+                payload,
+                collector,
+                connection=self._connection,
+                accounting=self._accounting,
+                collect_seconds=budget + COLLECT_SLACK_SECONDS,
             )
             usage = None
             if self._accounting is not None and box.parent is not None:
@@ -187,7 +209,7 @@ class DockerBackend:
             if self.pool is not None:  # however the call ended: the pool refills only after it
                 self.pool.replenish(job.runtime.name)
         evidence, usage = with_usage(evidence, usage, collector.reported_exit(), job.limits.memory_mb * MIB)
-        return await build_result(job, collector, evidence, duration_ms, version, usage=usage)
+        return await build_result(job, collector, evidence, duration_ms, version, usage=usage, workspace=True)
 
     async def _version_of(self, runtime: RuntimeSpec) -> str:
         version = self._versions.get(runtime.name)

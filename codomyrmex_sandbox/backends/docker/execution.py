@@ -55,19 +55,24 @@ async def run(
     *,
     connection: EngineConnection,
     accounting: CgroupAccounting | None,
+    collect_seconds: float,
 ) -> tuple[Evidence, float]:
     """Hand the code over, collect output until the end, the deadline or the cap; kill on the last two.
 
     Returns the evidence and the duration in milliseconds. The clock starts at the handover, not
-    when the sandbox was created. The end is the runner's exit trailer on both streams (everything
-    the program wrote has arrived), or, when the runner could not say so (killed, streams closed),
-    the end of the streams; waiting for the engine to tear the sandbox down is left to the
-    caller's cleanup, off the caller's clock.
+    when the sandbox was created, and stops when the program is over. The end is the runner's exit
+    trailer on both streams (everything the program wrote has arrived) and then the init's report
+    of the files the program left, for which ``collect_seconds`` more are allowed (a collection cut
+    short is not the program's timeout: the result keeps the program's status and says its files
+    are incomplete). When the runner could not say so (killed, streams closed), the end is the end
+    of the streams; waiting for the engine to tear the sandbox down is left to the caller's
+    cleanup, off the caller's clock.
     """
     attachment = box.attachment
     if attachment is None:
         raise BackendError("the sandbox was not attached; this is a bug, please report it.")
-    timed_out = capped = ended = runner_done = False
+    capped = ended = runner_done = False
+    program_end: float | None = None
     started = time.monotonic()
     early_exit = accounting is not None  # the kernel's OOM count must be readable to skip the engine
     send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](16)
@@ -81,15 +86,19 @@ async def run(
                     if collector.over_cap:
                         capped = True
                         break
+                    if program_end is None and collector.program_done:
+                        program_end = time.monotonic()  # the rest is the init's report: its own bound
+                        deadline.deadline = max(deadline.deadline, anyio.current_time() + collect_seconds)
                     if early_exit and collector.runner_done:
                         runner_done = True
                         break
                 else:
                     ended = True
-            timed_out = deadline.cancelled_caught
+            cut_short = deadline.cancelled_caught and program_end is not None
+            timed_out = deadline.cancelled_caught and program_end is None
         finally:
             oom = None
-            if runner_done and accounting is not None and box.parent is not None:
+            if (runner_done or cut_short) and accounting is not None and box.parent is not None:
                 # The program is over by the runner's word; the kernel's count says whether memory
                 # ran out. Read before the hang-up: hanging up ends the lease, and the sandbox's init
                 # then kills everything (exit 137), which must not be taken for the program's end.
@@ -102,10 +111,12 @@ async def run(
                 # Kill the whole sandbox, not a process: daemons and children die with it.
                 with anyio.CancelScope(shield=True):
                     await connection.use(Engine.kill, box.cid)
-    duration = (time.monotonic() - started) * 1000
+    duration = ((program_end or time.monotonic()) - started) * 1000
     await collector.finish()
     if oom is not None:
         return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
+    if cut_short:  # the program exited by itself; the kill was the collection's, not its end
+        return Evidence(exit_code=collector.reported_exit()), duration
     exit_code, oom_killed = await connection.call(_final_state, connection, box)
     evidence = Evidence(exit_code=exit_code, oom_killed=oom_killed, timed_out=timed_out, output_capped=capped)
     return evidence, duration
