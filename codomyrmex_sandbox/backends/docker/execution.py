@@ -71,7 +71,7 @@ async def run(
     attachment = box.attachment
     if attachment is None:
         raise BackendError("the sandbox was not attached; this is a bug, please report it.")
-    capped = ended = runner_done = False
+    capped = ended = runner_done = cut_short = timed_out = False
     program_end: float | None = None
     started = time.monotonic()
     early_exit = accounting is not None  # the kernel's OOM count must be readable to skip the engine
