@@ -131,11 +131,14 @@ async def _call_execute(
         shown = await anyio.to_thread.run_sync(outcome.for_model, limit)
     # Returned files and figures travel as content blocks, never in the structured content: base64
     # of megabytes is built in a worker thread.
+    which = sandbox.settings.result_content_blocks
     returned = sum(entry.size_bytes for entry in (*outcome.files, *outcome.figures) if entry.content is not None)
-    if returned > CONTENT_OFF_LOOP_BYTES:
-        blocks = await anyio.to_thread.run_sync(content_blocks, outcome)
+    if which == "none":
+        blocks = []
+    elif returned > CONTENT_OFF_LOOP_BYTES:
+        blocks = await anyio.to_thread.run_sync(content_blocks, outcome, which == "images")
     else:
-        blocks = content_blocks(outcome)
+        blocks = content_blocks(outcome, images_only=which == "images")
     return types.CallToolResult(
         content=[types.TextContent(type="text", text=shown.render_text()), *blocks],
         structured_content=shown.model_dump(mode="json"),
@@ -143,9 +146,10 @@ async def _call_execute(
     )
 
 
-def content_blocks(result: ExecutionResult) -> list[types.ContentBlock]:
-    """One block per returned figure and file: an image for PNG, JPEG, GIF and WebP content, else an
-    embedded resource at ``sandbox://executions/{execution_id}/files/{path}`` (text or base64 blob)."""
+def content_blocks(result: ExecutionResult, images_only: bool = False) -> list[types.ContentBlock]:  # noqa: FBT001, FBT002
+    """One block per returned figure and file: an image for PNG, JPEG, GIF and WebP content, else
+    (unless ``images_only``) an embedded resource at ``sandbox://executions/{execution_id}/files/{path}``
+    (text or base64 blob). The operator chooses with ``result_content_blocks``."""
     blocks: list[types.ContentBlock] = []
     for entry in (*result.figures, *result.files):
         if entry.content is None:
@@ -153,6 +157,8 @@ def content_blocks(result: ExecutionResult) -> list[types.ContentBlock]:
         if entry.mime_type in IMAGE_TYPES:
             data = base64.b64encode(entry.content).decode("ascii")
             blocks.append(types.ImageContent(type="image", data=data, mime_type=entry.mime_type))
+            continue
+        if images_only:
             continue
         uri = f"sandbox://executions/{result.execution_id}/files/{quote(entry.path, safe='/')}"
         resource: types.TextResourceContents | types.BlobResourceContents

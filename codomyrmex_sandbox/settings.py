@@ -185,6 +185,14 @@ class Settings(BaseSettings, LimitFields):
         "tool result carries; beyond it the result keeps the head and the tail, with a marker line "
         "saying how many bytes were left out. The Python API always returns the whole output.",
     )
+    result_content_blocks: Literal["all", "images", "none"] = Field(
+        default="all",
+        description="Which returned files and figures an MCP result carries as content blocks: all (an "
+        "image per figure and image file, an embedded resource per other file), images (figures and "
+        "image files only), or none (the structured content still lists every entry, with the text of "
+        "text files). For clients that turn the whole result into the model's text (google-genai, "
+        "llama-index), where an image is only base64 the model cannot see.",
+    )
     audit_log_path: Path | None = Field(
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
     )

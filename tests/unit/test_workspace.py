@@ -439,3 +439,19 @@ def test_saving_never_writes_outside_the_directory_whatever_the_names_or_links(t
     assert not (tmp_path / "up.txt").exists()
     assert sum(line.startswith("saved ") for line in lines) == 1
     assert len(lines) == 7
+
+
+@pytest.mark.parametrize(("which", "kinds"), [("images", [ImageContent, ImageContent]), ("none", [])])
+async def test_the_operator_can_leave_file_blocks_or_all_blocks_out(which: str, kinds: list[type]) -> None:
+    async with (
+        Sandbox(settings(result_content_blocks=which), backend=FakeBackend(leaves_files)) as sandbox,
+        Client(build_server(sandbox)) as client,
+    ):
+        result = await client.call_tool("execute_code", {"code": "x"})
+    text, *blocks = result.content
+    assert isinstance(text, TextContent)
+    assert [type(block) for block in blocks] == kinds
+    data = result.structured_content
+    assert data is not None
+    assert len(data["files"]) == 7  # the structured result lists everything either way
+    assert data["figures"][0]["path"] == "figure-1.png"
