@@ -85,13 +85,16 @@ FILE_OVERHEAD_CHARS = 8 * 1024  # an uploaded file's path (1,024 bytes, escaped)
 def max_message_chars(sandbox: Sandbox) -> int:
     """The longest stdin line the server reads: a few times the largest valid request.
 
-    JSON may spell each byte of code, stdin or a text file as a six-character escape, so the bound
-    is six times the largest code, stdin and uploaded files that any language accepts, and room for
-    the rest of the message (each file's path and fields included).
+    JSON may spell each byte of code or stdin as a six-character escape, so the bound is six times
+    the largest code plus stdin that any language accepts. Uploads count as base64, four characters
+    for three bytes (text files at their cap must come unescaped or as base64: at six characters a
+    byte, 16 MiB of them would need a bound that also admits the 100 MB lines this exists to
+    refuse), with room for each file's path and fields, and for the rest of the message.
     """
-    largest = max(p.max_code_bytes + p.max_stdin_bytes + p.max_input_bytes for p in sandbox.policies.values())
-    files = max(p.max_input_files for p in sandbox.policies.values())
-    return 6 * largest + MESSAGE_OVERHEAD_CHARS + files * FILE_OVERHEAD_CHARS
+    policies = sandbox.policies.values()
+    largest = max(p.max_code_bytes + p.max_stdin_bytes for p in policies)
+    uploads = max(4 * -(-p.max_input_bytes // 3) + p.max_input_files * FILE_OVERHEAD_CHARS for p in policies)
+    return 6 * largest + uploads + MESSAGE_OVERHEAD_CHARS
 
 
 class _StdinLines(anyio.AsyncFile[str]):
@@ -148,7 +151,8 @@ class _StdinLines(anyio.AsyncFile[str]):
             code=types.INVALID_REQUEST,
             message=(
                 f"invalid request: the message is {skipped} characters long, over this server's limit of "
-                f"{self.max_chars}; send less code or stdin (the limits are in the tool's input schema)"
+                f"{self.max_chars}; send less code, stdin or files, and large files as base64 (the limits are "
+                "in the tool's input schema)"
             ),
         )
         await self.rejected_send.send(types.JSONRPCError(jsonrpc="2.0", id=_leading_id(head), error=error))

@@ -63,14 +63,16 @@ async def test_tools_list_describes_execute_code_with_its_bounds(stdio, settings
     assert schema["required"] == ["code"]
     assert portable_schema_problems(schema) == []
     properties = schema["properties"]
-    assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb"}
+    assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb", "files"}
     assert {name: spec["type"] for name, spec in properties.items()} == {
         "code": "string",
         "language": "string",
         "stdin": "string",
         "timeout_seconds": "number",
         "memory_mb": "integer",
+        "files": "array",
     }
+    assert properties["files"]["items"]["required"] == ["path", "content"]
     assert not any("default" in spec for spec in properties.values())
     assert properties["timeout_seconds"]["minimum"] == 0.001
     assert {"python", "javascript", "bash"} <= set(properties["language"]["enum"])

@@ -14,8 +14,8 @@ from codomyrmex_sandbox.stdio import _describe_malformed, _has_invalid_id, _lead
 def test_the_message_bound_is_six_times_the_largest_code_stdin_and_files_plus_room_for_the_rest():
     settings = Settings.load(backend="fake", language_limits={"bash": {"max_code_bytes": 4 * 1024 * 1024}})
     sandbox = Sandbox(settings, backend=FakeBackend())
-    files = 16 * 1024 * 1024
-    assert max_message_chars(sandbox) == 6 * (4 * 1024 * 1024 + 1024 * 1024 + files) + 65_536 + 64 * 8192
+    files = 4 * -(-16 * 1024 * 1024 // 3) + 64 * 8192  # base64 of the upload cap, and each file's fields
+    assert max_message_chars(sandbox) == 6 * (4 * 1024 * 1024 + 1024 * 1024) + files + 65_536
 
 
 async def test_over_long_lines_and_invalid_ids_are_set_aside_and_answered_and_the_rest_read():
