@@ -123,7 +123,14 @@ class OutputCollector:
     def runner_done(self) -> bool:
         """The program is over and, where the init reports the workspace, its report has ended too:
         everything the sandbox will say has arrived."""
-        return self.program_done and (not self._expects_workspace or protocol.FILES_END in self._trailers)
+        return self.program_done and (not self._expects_workspace or self.report_done)
+
+    @property
+    def report_done(self) -> bool:
+        """The init's report of the workspace has ended. The init writes it once the program has
+        ended, however it ended (with the runner's word or without: killed), and every other
+        process is dead by then: nothing more will come from the sandbox."""
+        return protocol.FILES_END in self._trailers
 
     def entries(self, key: protocol.TrailerKey) -> list[bytes]:
         """The values of the ``fig`` or ``file`` trailers, in the order they came."""

@@ -19,7 +19,6 @@ built), the call waits for an admission slot, and the backend runs the job.
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
@@ -30,13 +29,13 @@ import anyio
 from codomyrmex_sandbox.admission import Admission
 from codomyrmex_sandbox.audit import AuditLog
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
-from codomyrmex_sandbox.errors import ConfigurationError, SandboxError
+from codomyrmex_sandbox.errors import ConfigurationError, InvalidRequestError, SandboxError
 from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, InputFile, Limits, request_from_arguments
 from codomyrmex_sandbox.output import OutputCallback
 from codomyrmex_sandbox.policy import check_payload, resolve_limits, resolve_policies
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
-from codomyrmex_sandbox.workspace import check_files
+from codomyrmex_sandbox.workspace import UploadedFile, check_files
 
 
 class Sandbox:
@@ -137,15 +136,19 @@ class Sandbox:
         of path, content, encoding). The result's ``files`` and ``figures`` carry what came back,
         each with its bytes in ``content``.
         """
-        arguments = {
+        arguments: dict[str, Any] = {
             "code": code,
             "language": language,
             "stdin": stdin,
             "timeout_seconds": timeout_seconds,
             "memory_mb": memory_mb,
-            "files": file_entries(files),
         }
-        return await self._execute(arguments, on_output, client)
+        uploads: list[UploadedFile] | None = None
+        if isinstance(files, Mapping):  # bytes stay bytes: no base64 round trip for the Python API
+            uploads = python_uploads(files)
+        else:
+            arguments["files"] = None if files is None else [_entry(entry) for entry in files]
+        return await self._execute(arguments, on_output, client, uploads)
 
     async def execute_arguments(
         self,
@@ -172,6 +175,7 @@ class Sandbox:
         call: ExecutionRequest | Mapping[str, Any],
         on_output: OutputCallback | None,
         client: str | None,
+        uploads: Sequence[UploadedFile] | None = None,
     ) -> ExecutionResult:
         """The one path from arguments to result; `AuditLog.execution` turns each way it can end into a record."""
         if not self._opened:
@@ -182,8 +186,8 @@ class Sandbox:
             limits = self.effective_limits(request)
             policy = self.policies[request.language]
             code, stdin = check_payload(request, policy)
-            uploads = check_files(request.files, policy, language=request.language)
-            job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output, uploads)
+            files = check_files(request.files if uploads is None else uploads, policy, language=request.language)
+            job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output, files)
             async with self.admission.slot():
                 audit.started(job)
                 result = await self.backend.execute(job)
@@ -194,18 +198,31 @@ class Sandbox:
 FilesArgument = Mapping[str, bytes | str] | Sequence[InputFile | Mapping[str, Any]]
 
 
-def file_entries(files: FilesArgument | None) -> list[Any] | None:
-    """The Python API's ``files`` as the tool's entries: bytes travel as base64, str as UTF-8 text."""
-    if files is None:
-        return None
-    if isinstance(files, Mapping):
-        return [
-            {"path": path, "content": base64.b64encode(data).decode("ascii"), "encoding": "base64"}
-            if isinstance(data, bytes | bytearray | memoryview)
-            else {"path": path, "content": data}
-            for path, data in files.items()
-        ]
-    return [entry.model_dump() if isinstance(entry, InputFile) else entry for entry in files]
+def python_uploads(files: Mapping[str, bytes | str]) -> list[UploadedFile]:
+    """The Python API's mapping of path to content as uploads: bytes as they are, str as UTF-8."""
+    uploads = []
+    for path, content in files.items():
+        if not isinstance(path, str):
+            raise InvalidRequestError(f"files: a path must be a str, not {type(path).__name__} ({path!r:.80}).")
+        if isinstance(content, str):
+            try:
+                data = content.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise InvalidRequestError(
+                    f"files[{path!r:.80}]: the text is not valid Unicode ({exc.reason})."
+                ) from exc
+        elif isinstance(content, bytes | bytearray | memoryview):
+            data = bytes(content)
+        else:
+            raise InvalidRequestError(
+                f"files[{path!r:.80}]: content must be bytes or str, not {type(content).__name__}."
+            )
+        uploads.append(UploadedFile(path, data))
+    return uploads
+
+
+def _entry(entry: InputFile | Mapping[str, Any]) -> Any:  # noqa: ANN401 - validated as a tool argument
+    return entry.model_dump() if isinstance(entry, InputFile) else entry
 
 
 def _language_named(call: ExecutionRequest | Mapping[str, Any]) -> str:

@@ -1233,6 +1233,29 @@ static void walk(int fd, int depth) {
 
 /* PROGRAM has ended with ``status``: kill what is left, reap it (for a bounded time), walk the
  * workspace and write its entries, then the end trailer, and exit with PROGRAM's status. */
+/* The report is written: everything in the sandbox is over, and the sandbox stays only until the
+ * server hangs up, which it does once it has read the report and the kernel's accounting of the
+ * sandbox (that goes with the container). The end of the lease is then the ordinary end: the init
+ * exits with PROGRAM's status, which the engine reports. The deadline still holds. */
+static void wait_for_hang_up(int status) {
+    for (;;) {
+        const int64_t now = monotonic_ns();
+        if (now >= deadline_ns) end_sandbox(DEADLINE_PASSED);
+        const int64_t remaining = deadline_ns - now;
+        const struct timespec timeout = {.tv_sec = remaining / NS_PER_SECOND, .tv_nsec = remaining % NS_PER_SECOND};
+        struct pollfd watched = {.fd = lease.fd, .events = POLLIN, .revents = 0};
+        if (ppoll(&watched, 1, &timeout, NULL) < 0) {
+            if (errno == EINTR) continue;
+            init_failed("ppoll");
+        }
+        if (!watched.revents) continue;
+        char scratch[4096];
+        const ssize_t n = (watched.revents & POLLIN) ? read(lease.fd, scratch, sizeof scratch) : 0;
+        if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) _exit(status);
+        /* Bytes past the frame mean nothing: they are read and dropped. */
+    }
+}
+
 static void collect(int status) {
     const int64_t start = monotonic_ns();
     kill(-1, SIGKILL);
@@ -1266,7 +1289,7 @@ static void collect(int status) {
                                 (long long)collection.listed, (long long)collection.unlisted,
                                 collection.complete ? 1 : 0, '\0');
     if (length > 0) emit(end, (size_t)length);
-    _exit(exit_status(status));
+    wait_for_hang_up(exit_status(status));
 }
 
 static int supervise(double seconds, bool leased, char *const program[]) {

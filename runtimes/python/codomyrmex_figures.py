@@ -110,50 +110,29 @@ def _rendered(figure, max_bytes):
     dpi = matplotlib.rcParams["savefig.dpi"]
     if dpi == "figure":
         dpi = getattr(figure, "_original_dpi", figure.dpi)
-    box = _tight_box(figure, float(dpi))
-    # The program's own resolution, lowered so that no side of the image is over MAX_SIDE pixels.
-    dpi = min(float(dpi), MAX_SIDE / max(box.width, box.height, 1e-3))
+    # The figure as it is, as a plain savefig() gives it: cropping it to its artists (what Jupyter
+    # shows) lays the whole figure out once more, which cost more than the rendering itself. The
+    # program's own resolution, lowered so that no side of the image is over MAX_SIDE pixels.
+    width, height = figure.get_size_inches()
+    dpi = min(float(dpi), MAX_SIDE / max(width, height, 1e-3))
     floor = min(MIN_DPI, dpi)
-    png = _png(figure, dpi, box)
+    png = _png(figure, dpi)
     while len(png) > max_bytes and dpi > floor:
         # A PNG's size follows its pixel count, the square of the dpi: aim a little under.
         dpi = max(floor, dpi * min(0.9, 0.95 * math.sqrt(max_bytes / len(png))))
-        png = _png(figure, dpi, box)
+        png = _png(figure, dpi)
     digest = hashlib.sha256(png).hexdigest().encode()
     if len(png) > max_bytes:
         return b"%d %s too_large -" % (len(png), digest)
     return b"%d %s - %s" % (len(png), digest, base64.b64encode(png))
 
 
-def _tight_box(figure, dpi):
-    """What savefig(bbox_inches="tight") keeps, in inches: the figure cropped to its artists, as
-    Jupyter shows it. Laid out at a resolution where the figure itself fits in MAX_SIDE pixels,
-    so that a huge figsize does not allocate a huge canvas even for this; worked out once and
-    passed to savefig, so that re-rendering smaller does not lay the figure out again."""
-    import matplotlib
-    from matplotlib.transforms import Bbox
-
-    width, height = figure.get_size_inches()
-    original = figure.dpi
-    figure.dpi = min(dpi, MAX_SIDE / max(width, height, 1e-3))
-    try:
-        figure.draw_without_rendering()
-        box = figure.get_tightbbox()
-    finally:
-        figure.dpi = original
-    if not (box.width <= 2 * width and box.height <= 2 * height):
-        # An artist far outside the figure (or at infinity) would shrink the rest to nothing:
-        # then the figure as it is, as a plain savefig() gives it.
-        return Bbox.from_bounds(0, 0, width, height)
-    return box.padded(matplotlib.rcParams["savefig.pad_inches"])
-
-
-def _png(figure, dpi, box):
+def _png(figure, dpi):
     # Rounding can make a side a pixel longer than planned: then again, a little smaller.
     for _ in range(3):
         buffer = io.BytesIO()
         # No "Software" text chunk: the same figure gives the same bytes, and a few bytes fewer.
-        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches=box, metadata={"Software": None})
+        figure.savefig(buffer, format="png", dpi=dpi, metadata={"Software": None})
         png = buffer.getvalue()
         side = max(int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big"))
         if side <= MAX_SIDE:

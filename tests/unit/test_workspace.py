@@ -455,3 +455,17 @@ async def test_the_operator_can_leave_file_blocks_or_all_blocks_out(which: str, 
     assert data is not None
     assert len(data["files"]) == 7  # the structured result lists everything either way
     assert data["figures"][0]["path"] == "figure-1.png"
+
+
+async def test_the_python_apis_mapping_keeps_bytes_as_bytes_and_refuses_other_types() -> None:
+    backend = FakeBackend(sees_its_files)
+    async with Sandbox(settings(), backend=backend) as sandbox:
+        await sandbox.execute("x", files={"a.bin": bytearray(b"\x00\x01"), "b.txt": "é"})
+        with pytest.raises(InvalidRequestError, match=r"files\['x'\]: content must be bytes or str, not int"):
+            await sandbox.execute("x", files={"x": 5})  # type: ignore[dict-item]
+        with pytest.raises(InvalidRequestError, match="a path must be a str, not bytes"):
+            await sandbox.execute("x", files={b"x": b""})  # type: ignore[dict-item]
+        with pytest.raises(InvalidRequestError, match=r"files\[0\] \('../x'\): the path is refused"):
+            await sandbox.execute("x", files={"../x": b""})
+    assert [(u.path, u.data) for u in backend.jobs[0].files] == [("a.bin", b"\x00\x01"), ("b.txt", "é".encode())]
+    assert len(backend.jobs) == 1

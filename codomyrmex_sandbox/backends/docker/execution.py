@@ -1,9 +1,10 @@
 """One execution in a started sandbox: hand the code over, collect the output, and say how it ended.
 
-The output is read until the runner reports the program's end on both streams, the streams end,
-the deadline passes, or a stream passes the cap; the last two kill the sandbox. The evidence of the
-end is the runner's word with the kernel's OOM count where accounting works, else the engine's
-record (the exit code from the wait asked before the start, and its OOM flag while it has it).
+The output is read until the sandbox's init has reported the files the program left (it does so
+once the program has ended), the streams end, the deadline passes, or a stream passes the cap; the
+last two kill the sandbox. The evidence of the end is the runner's word with the kernel's OOM count
+where accounting works, else the engine's record (the exit code from the wait asked before the
+start, and its OOM flag while it has it).
 """
 
 from __future__ import annotations
@@ -60,21 +61,21 @@ async def run(
     """Hand the code over, collect output until the end, the deadline or the cap; kill on the last two.
 
     Returns the evidence and the duration in milliseconds. The clock starts at the handover, not
-    when the sandbox was created, and stops when the program is over. The end is the runner's exit
-    trailer on both streams (everything the program wrote has arrived) and then the init's report
-    of the files the program left, for which ``collect_seconds`` more are allowed (a collection cut
-    short is not the program's timeout: the result keeps the program's status and says its files
-    are incomplete). When the runner could not say so (killed, streams closed), the end is the end
-    of the streams; waiting for the engine to tear the sandbox down is left to the caller's
-    cleanup, off the caller's clock.
+    when the sandbox was created, and stops when the program is over (the runner's exit trailer on
+    both streams: everything the program wrote has arrived). The end is the init's report of the
+    files the program left, which comes once the program has ended however it ended, and for
+    which ``collect_seconds`` more are allowed after the runner's word (a collection cut short is
+    not the program's timeout: the result keeps the program's status and says its files are
+    incomplete); or the end of the streams. Waiting for the engine to tear the sandbox down is
+    left to the caller's cleanup, off the caller's clock, except when the runner could not report
+    (a program killed by a signal): then the engine's exit code is the evidence.
     """
     attachment = box.attachment
     if attachment is None:
         raise BackendError("the sandbox was not attached; this is a bug, please report it.")
-    capped = ended = runner_done = cut_short = timed_out = False
+    capped = ended = done = cut_short = timed_out = False
     program_end: float | None = None
     started = time.monotonic()
-    early_exit = accounting is not None  # the kernel's OOM count must be readable to skip the engine
     send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](16)
     async with anyio.create_task_group() as tg:
         tg.start_soon(connection.thread, partial(attachment.read_frames, send))
@@ -89,8 +90,8 @@ async def run(
                     if program_end is None and collector.program_done:
                         program_end = time.monotonic()  # the rest is the init's report: its own bound
                         deadline.deadline = max(deadline.deadline, anyio.current_time() + collect_seconds)
-                    if early_exit and collector.runner_done:
-                        runner_done = True
+                    if collector.report_done:  # the sandbox has said everything; it waits for the hang-up
+                        done = True
                         break
                 else:
                     ended = True
@@ -98,26 +99,27 @@ async def run(
             timed_out = deadline.cancelled_caught and program_end is None
         finally:
             oom = None
-            if (runner_done or cut_short) and accounting is not None and box.parent is not None:
-                # The program is over by the runner's word; the kernel's count says whether memory
-                # ran out. Read before the hang-up: hanging up ends the lease, and the sandbox's init
-                # then kills everything (exit 137), which must not be taken for the program's end.
+            if (done or cut_short) and accounting is not None and box.parent is not None:
+                # The kernel's count says whether memory ran out. Read before the hang-up: the
+                # sandbox's accounting goes with the container, which ends once the lease does.
                 with anyio.CancelScope(shield=True):
                     oom = await connection.call(accounting.oom_kills, box.parent, box.cid)
             # Hang up first: an engine that cannot deliver output would otherwise hold the
-            # kill until someone reads it. Then wake the worker threads.
+            # kill until someone reads it. Then wake the worker threads. After the report, the
+            # hang-up is the sandbox's ordinary end: its init exits with the program's status.
             attachment.hang_up()
-            if not (ended or runner_done):
+            if not (ended or done):
                 # Kill the whole sandbox, not a process: daemons and children die with it.
                 with anyio.CancelScope(shield=True):
                     await connection.use(Engine.kill, box.cid)
     duration = ((program_end or time.monotonic()) - started) * 1000
     await collector.finish()
-    if oom is not None:
+    if oom is not None and collector.program_done:  # the runner's word and the kernel's count
         return Evidence(exit_code=collector.reported_exit(), oom_killed=oom > 0), duration
     if cut_short:  # the program exited by itself; the kill was the collection's, not its end
         return Evidence(exit_code=collector.reported_exit()), duration
     exit_code, oom_killed = await connection.call(_final_state, connection, box)
+    oom_killed = oom_killed or (oom is not None and oom > 0)
     evidence = Evidence(exit_code=exit_code, oom_killed=oom_killed, timed_out=timed_out, output_capped=capped)
     return evidence, duration
 
