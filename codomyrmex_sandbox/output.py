@@ -98,6 +98,7 @@ class OutputCollector:
         self._on_output = on_output
         self._trailers: dict[protocol.TrailerKey, bytes] = {}  # stdout's single-valued ones
         self._stderr_exit: bytes | None = None
+        self._stderr_report_end = False  # the init's files-end on stderr: that stream is complete
         self._entries: dict[protocol.TrailerKey, list[bytes]] = {protocol.FIGURE: [], protocol.FILE: []}
         self._entry_room: dict[protocol.TrailerKey, int] = {protocol.FIGURE: 0, protocol.FILE: 0}
         self._entry_room |= max_entry_bytes or {}
@@ -127,10 +128,10 @@ class OutputCollector:
 
     @property
     def report_done(self) -> bool:
-        """The init's report of the workspace has ended. The init writes it once the program has
-        ended, however it ended (with the runner's word or without: killed), and every other
-        process is dead by then: nothing more will come from the sandbox."""
-        return protocol.FILES_END in self._trailers
+        """The init's report of the workspace has ended, on both streams. The init writes it once
+        the program has ended, however it ended (with the runner's word or without: killed), and
+        every other process is dead by then: nothing more will come from the sandbox."""
+        return protocol.FILES_END in self._trailers and self._stderr_report_end
 
     def entries(self, key: protocol.TrailerKey) -> list[bytes]:
         """The values of the ``fig`` or ``file`` trailers, in the order they came."""
@@ -291,6 +292,8 @@ class OutputCollector:
                 self.entries_dropped += 1
         elif stream == "stdout":
             self._trailers[key] = value
+        elif key == protocol.FILES_END:
+            self._stderr_report_end = True
         else:
             self._stderr_exit = value
         return True

@@ -35,7 +35,7 @@ left there, in trailers of its own on stdout, under a second nonce that no proce
 sandbox ever sees (the runner's nonce is in the runner's memory, which the program shares)::
 
     \\0<guard nonce>:file=<base64 path> <size> <sha256 hex | -> <omitted | -> <base64 content | ->\\0
-    \\0<guard nonce>:files-end=<listed> <unlisted> <complete 1 | 0>\\0
+    \\0<guard nonce>:files-end=<listed> <unlisted> <complete 1 | 0>\\0   (on stdout and on stderr)
 
 A trailer is at most a bounded number of bytes from its marker to its closing NUL
 (`MAX_TRAILER` for ``rv`` and ``exit``; the backend sizes ``fig`` and ``file`` from the
@@ -79,7 +79,7 @@ STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
 GUARD_STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
     {
         "stdout": frozenset({b"file", b"files-end"}),
-        "stderr": frozenset(),
+        "stderr": frozenset({b"files-end"}),
     }
 )
 

@@ -543,7 +543,7 @@ def guard_trailers(
             fields = [name, b"%d" % len(content), sha, (reason or "-").encode("ascii"), body]
         out.append(protocol.trailer(guard_nonce, protocol.FILE, b" ".join(fields)))
     end = b"%d %d 1" % (listed, unlisted)
-    out.append(protocol.trailer(guard_nonce, protocol.FILES_END, end))
+    out.append(protocol.trailer(guard_nonce, protocol.FILES_END, end))  # on stdout; the fake adds stderr's
     return out
 
 

@@ -149,8 +149,10 @@ class FakeBackend:
                 await collector.feed("stdout", figure_trailer(nonce, png))
             await _report(collector, nonce, exit_code, run.return_value)
         if exit_code is not None:  # the init reports the files once the program is over, however it ended
-            for trailer in guard_trailers(guard_nonce, run.workspace, job.files, job.limits):
+            trailers = guard_trailers(guard_nonce, run.workspace, job.files, job.limits)
+            for trailer in trailers:
                 await collector.feed("stdout", trailer)
+            await collector.feed("stderr", trailers[-1])  # the report's end, on stderr too
         await collector.finish()
         if run.signal_exit is not None:
             exit_code = 128 + run.signal_exit

@@ -913,7 +913,8 @@ static char *base64_encode(char *into, const unsigned char *data, size_t size) {
  *
  *     \0<nonce>:file=<base64(path)> <size> <sha256 hex | -> <omitted | -> <base64(content) | ->\0
  *
- * then, always, \0<nonce>:files-end=<listed> <unlisted> <complete: 1 | 0>\0. Nothing else runs by
+ * then, always, \0<nonce>:files-end=<listed> <unlisted> <complete: 1 | 0>\0, on stdout and on
+ * stderr (each stream's end: the engine delivers the two independently). Nothing else runs by
  * then: nothing can change a file while it is read, or write between the entries. The nonce came on
  * the lease, which only the init reads, and the init is not dumpable: no process in the sandbox
  * can know it, so a program that prints lookalike trailers prints ordinary output. Every read is
@@ -939,19 +940,23 @@ static struct collection collection;
 
 /* Writes it all on the container's stdout, waiting for room as long as the lease and the deadline
  * hold. False when the stream is gone (nobody can read the rest). */
-static bool emit(const char *data, size_t size) {
+static bool emit_to(int fd, const char *data, size_t size) {
     while (size > 0) {
-        const ssize_t n = write(workspace.out, data, size);
+        const ssize_t n = write(fd, data, size);
         if (n > 0) {
             data += n;
             size -= (size_t)n;
         } else if (n < 0 && errno == EAGAIN) {
-            wait_for(workspace.out, POLLOUT, INT64_MAX);
+            wait_for(fd, POLLOUT, INT64_MAX);
         } else if (!(n < 0 && errno == EINTR)) {
             return false;
         }
     }
     return true;
+}
+
+static bool emit(const char *data, size_t size) {
+    return emit_to(workspace.out, data, size);
 }
 
 static bool out_of_time(void) {
@@ -1288,7 +1293,14 @@ static void collect(int status) {
     const int length = snprintf(end, sizeof end, "%c%s:files-end=%lld %lld %d%c", '\0', workspace.nonce,
                                 (long long)collection.listed, (long long)collection.unlisted,
                                 collection.complete ? 1 : 0, '\0');
-    if (length > 0) emit(end, (size_t)length);
+    if (length > 0) {
+        /* On both streams: each is first-in first-out and everything else in the sandbox is dead,
+         * so the end trailer on a stream means that stream is complete (the engine delivers the
+         * two streams independently: stdout's end says nothing of stderr's). stderr is the init's
+         * own non-blocking description (see detach_stdio). */
+        emit(end, (size_t)length);
+        emit_to(STDERR_FILENO, end, (size_t)length);
+    }
     wait_for_hang_up(exit_status(status));
 }
 

@@ -82,8 +82,8 @@ def report_exit(nonce, outcome, figures):
 
 
 def seed_matplotlib_cache(source="/opt/codomyrmex/matplotlib"):
-    # The font list the image built (see the Dockerfile), into this sandbox's fresh MPLCONFIGDIR,
-    # while the runner waits for code: a first plot then does not build it again.
+    # The font list the image built (see the Dockerfile), into this sandbox's fresh MPLCONFIGDIR:
+    # a first plot then does not build it again.
     target = os.environ.get("MPLCONFIGDIR")
     try:
         names = os.listdir(source)
@@ -95,9 +95,19 @@ def seed_matplotlib_cache(source="/opt/codomyrmex/matplotlib"):
         pass  # no cache: matplotlib builds its own, as it would anyway
 
 
+class SeedMatplotlibCache:
+    # Seeds the font cache (seed_matplotlib_cache) when the program first imports matplotlib, then
+    # steps aside: a program that does not plot finds nothing of it in /tmp.
+    def find_spec(self, name, path=None, target=None):
+        if name == "matplotlib":
+            sys.meta_path.remove(self)
+            seed_matplotlib_cache()
+        return None
+
+
 def main():
-    seed_matplotlib_cache()
     nonce, length, max_figures, max_figure_bytes = read_header()
+    sys.meta_path.insert(0, SeedMatplotlibCache())
     source = read_exact(length)
     sys.argv = ["main.py"]
     sys.path.insert(0, os.getcwd())
