@@ -308,8 +308,10 @@ def _file_entry(value: bytes, budget: _Budget) -> ReturnedFile | None:  # noqa: 
         path = path_bytes.decode("utf-8")
     except UnicodeDecodeError:
         path = path_bytes.decode("utf-8", "replace")  # a name that is not UTF-8: shown, never written
-    if path_problem(path) is not None and not _only_unwritable(path):
-        return None  # a path the rules forbid (.., absolute): not a place under the working directory
+    if path_problem(path) is not None:
+        if not _only_unwritable(path):
+            return None  # a path the rules forbid (.., absolute): not a place under the working directory
+        path = _shown(path)  # a control character in a name must not reach a terminal or a model raw
     omitted = raw_omitted.decode("ascii", "replace")
     if omitted == "not_regular":
         return ReturnedFile(
@@ -346,6 +348,11 @@ def _file_entry(value: bytes, budget: _Budget) -> ReturnedFile | None:  # noqa: 
         omitted=None,
         content=content,
     )
+
+
+def _shown(path: str) -> str:
+    """A name with its control, line-separator and bidirectional characters written as ``\\uXXXX``."""
+    return "".join(f"\\u{ord(c):04x}" if unicodedata.category(c) == "Cc" or c in _DECEPTIVE else c for c in path)
 
 
 def _only_unwritable(path: str) -> bool:

@@ -222,3 +222,18 @@ print(h.hexdigest())
     entries = {entry["path"]: entry for entry in result["files"]}
     assert entries["fill.bin"]["omitted"] == "too_large"
     assert result["files_complete"] is True
+
+
+async def test_names_with_escape_sequences_reach_no_client_raw(server):
+    """A program names files to drive a terminal or mislead a reader: listed, escapes made visible."""
+    code = r"""
+for name in ("clear\x1b[2J\x1b[H.txt", "line\nbreak.txt", "\u202etxt.exe"):
+    open(name, "w").write("x")
+"""
+    result = await server.client.call_tool("execute_code", {"code": code, **LIMITS})
+    data = result.structured_content
+    assert data is not None and data["status"] == "success", server.text(result)
+    paths = sorted(entry["path"] for entry in data["files"])
+    assert paths == ["\\u202etxt.exe", "clear\\u001b[2J\\u001b[H.txt", "line\\u000abreak.txt"]
+    rendered = server.text(result)
+    assert "\x1b" not in rendered and "\u202e" not in rendered

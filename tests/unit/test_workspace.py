@@ -469,3 +469,12 @@ async def test_the_python_apis_mapping_keeps_bytes_as_bytes_and_refuses_other_ty
             await sandbox.execute("x", files={"../x": b""})
     assert [(u.path, u.data) for u in backend.jobs[0].files] == [("a.bin", b"\x00\x01"), ("b.txt", "é".encode())]
     assert len(backend.jobs) == 1
+
+
+def test_a_name_with_control_characters_is_listed_with_them_made_visible() -> None:
+    hostile = "report\x1b[2J\n\u202eexe.txt".encode()
+    out = collect([entry(hostile, b"x")], [], b"1 0 1", LIMITS)
+    (listed,) = out.files
+    assert listed.path == "report\\u001b[2J\\u000a\\u202eexe.txt"
+    assert listed.content == b"x"
+    assert "\x1b" not in listed.path
