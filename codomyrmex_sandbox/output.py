@@ -62,10 +62,12 @@ class _Stream:
 class OutputCollector:
     """Accumulates one execution's output. Not thread-safe: feed it from one task.
 
-    The runner ends each stream with an exit trailer once the program is over; `runner_done`
+    The runner ends each stream with an exit trailer once the program is over; `program_done`
     turns true when both have arrived, so everything the program wrote before exiting has been
-    received (each stream is first-in first-out) and the sandbox need not be waited for.
-    Which stream carries which trailer is the protocol's rule (`protocol.parse_trailer`).
+    received (each stream is first-in first-out). Where the sandbox's init reports the
+    workspace, `report_done` turns true when its end trailer has arrived on both streams:
+    nothing more will come, and the sandbox need not be waited for. Which stream carries which
+    trailer, under which nonce, is the protocol's rule (`protocol.parse_trailer`).
     """
 
     def __init__(
