@@ -314,39 +314,32 @@ def _file_entry(value: bytes, budget: _Budget) -> ReturnedFile | None:  # noqa: 
         path = _shown(path)  # a control character in a name must not reach a terminal or a model raw
     omitted = raw_omitted.decode("ascii", "replace")
     if omitted == "not_regular":
-        return ReturnedFile(
-            path=path, size_bytes=size, mime_type=_mime(path, None), sha256="", text=None, omitted="not_regular"
-        )
+        return _returned(path, size, "", "not_regular")
     if not _SHA256_HEX.fullmatch(raw_sha):
         return None
     sha = raw_sha.decode("ascii")
     if omitted != "-":
         if omitted not in OMITTED or raw_content.tobytes() != b"-":
             return None
-        return ReturnedFile(
-            path=path,
-            size_bytes=size,
-            mime_type=_mime(path, None),
-            sha256=sha,
-            text=None,
-            omitted=cast("OmittedReason", omitted),
-        )
+        return _returned(path, size, sha, cast("OmittedReason", omitted))
     content = _b64(raw_content)
     if content is None or len(content) != size or hashlib.sha256(content).hexdigest() != sha:
         return None
-    reason = budget.admit(size)
-    if reason is not None:  # past a cap the init should have applied: listed, content dropped
-        return ReturnedFile(
-            path=path, size_bytes=size, mime_type=_mime(path, content), sha256=sha, text=None, omitted=reason
-        )
+    # Past a cap the init should have applied, the entry is listed and its content dropped.
+    return _returned(path, size, sha, budget.admit(size), content)
+
+
+def _returned(
+    path: str, size: int, sha: str, omitted: OmittedReason | None, seen: bytes | None = None, *, mime: str | None = None
+) -> ReturnedFile:
+    """An entry of ``files`` or ``figures``. ``seen`` is the content that came, which gives the
+    media type (unless ``mime`` does) and is returned only when nothing is ``omitted``; its text is
+    decoded once."""
+    content = seen if omitted is None else None
+    text = None if content is None else _text(content)
+    media = mime or _mime(path, seen, is_text=None if content is None else text is not None)
     return ReturnedFile(
-        path=path,
-        size_bytes=size,
-        mime_type=_mime(path, content),
-        sha256=sha,
-        text=_text(content),
-        omitted=None,
-        content=content,
+        path=path, size_bytes=size, mime_type=media, sha256=sha, text=text, omitted=omitted, content=content
     )
 
 
@@ -357,7 +350,7 @@ def _shown(path: str) -> str:
 
 def _only_unwritable(path: str) -> bool:
     """A name the program could make but an upload could not (a control character, a backslash):
-    listed as it is, since the sandbox's own tree holds it; `safe_output_path` refuses to write it."""
+    listed (see `_shown`), since the sandbox's own tree holds it; `saving.save_returned` refuses it."""
     if path.startswith("/") or any(part in {"", ".", ".."} for part in path.split("/")):
         return False
     return len(path.encode("utf-8", "replace")) <= 4096  # noqa: PLR2004 - PATH_MAX
@@ -390,14 +383,7 @@ def _figure(value: bytes, path: str, limits: Limits, returned: int) -> ReturnedF
         if omitted not in {"too_large", "over_count"} or raw_content.tobytes() != b"-":
             return None
         sha = raw_sha.decode("ascii") if _SHA256_HEX.fullmatch(raw_sha) else ""
-        return ReturnedFile(
-            path=path,
-            size_bytes=size,
-            mime_type="image/png",
-            sha256=sha,
-            text=None,
-            omitted=cast("OmittedReason", omitted),
-        )
+        return _returned(path, size, sha, cast("OmittedReason", omitted), mime="image/png")
     content = _b64(raw_content)
     if content is None or len(content) != size or not content.startswith(PNG_SIGNATURE):
         return None  # not what it claims to be: never shown to a client as an image
@@ -409,15 +395,7 @@ def _figure(value: bytes, path: str, limits: Limits, returned: int) -> ReturnedF
         reason = "too_large"
     elif returned >= limits.figures:
         reason = "over_count"
-    return ReturnedFile(
-        path=path,
-        size_bytes=size,
-        mime_type="image/png",
-        sha256=sha,
-        text=None,
-        omitted=reason,
-        content=None if reason else content,
-    )
+    return _returned(path, size, sha, reason, content, mime="image/png")
 
 
 def _files_end(value: bytes) -> tuple[int, bool] | None:
@@ -503,9 +481,10 @@ def _sniff(content: bytes) -> str | None:
     return next((kind for magic, kind in _MAGIC if content.startswith(magic)), None)
 
 
-def _mime(path: str, content: bytes | None) -> str:
+def _mime(path: str, content: bytes | None, *, is_text: bool | None = None) -> str:
     """The media type from the content's signature when it has one, else from the name, else from
-    whether the content is text. A name never makes content an image: only its bytes do."""
+    whether the content is text (``is_text``, when the caller decoded it already). A name never
+    makes content an image: only its bytes do."""
     by_name = _TYPES.guess_type(path, strict=False)[0]
     if content is None:
         return by_name or "application/octet-stream"
@@ -514,7 +493,9 @@ def _mime(path: str, content: bytes | None) -> str:
         return sniffed
     if by_name is not None and by_name not in IMAGE_TYPES and by_name != "application/pdf":
         return by_name
-    return "text/plain" if _text(content) is not None else "application/octet-stream"
+    if is_text is None:
+        is_text = _text(content) is not None
+    return "text/plain" if is_text else "application/octet-stream"
 
 
 # -- the init's rules, in Python (the fake backend and the tests) ---------------------------------
