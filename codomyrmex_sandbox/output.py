@@ -34,8 +34,9 @@ OutputCallback = Callable[[StreamName, str], Awaitable[None]]
 # Streamed text is decoded and sanitized this many bytes at a time, so that one large frame (or a
 # released trailer) cannot hold the event loop for long.
 _STREAM_PIECE = 32 * 1024
-# Final texts larger than this are sanitized in a worker thread rather than on the event loop.
-_OFF_LOOP_BYTES = 64 * 1024
+# Final texts larger than this are sanitized in a worker thread rather than on the event loop (and
+# workspace reports larger than this are read there too, see `backends.base.build_result`).
+OFF_LOOP_BYTES = 64 * 1024
 
 _T = TypeVar("_T")
 
@@ -105,7 +106,6 @@ class OutputCollector:
         self._entry_room: dict[protocol.TrailerKey, int] = {protocol.FIGURE: 0, protocol.FILE: 0}
         self._entry_room |= max_entry_bytes or {}
         self.entries_dropped = 0
-        self._expects_workspace = guard_nonce is not None
 
     @property
     def over_cap(self) -> bool:
@@ -121,12 +121,6 @@ class OutputCollector:
     def program_done(self) -> bool:
         """Both streams carried the runner's exit trailer, with the same status: the program is over."""
         return self._stderr_exit is not None and self._trailers.get(protocol.EXIT) == self._stderr_exit
-
-    @property
-    def runner_done(self) -> bool:
-        """The program is over and, where the init reports the workspace, its report has ended too:
-        everything the sandbox will say has arrived."""
-        return self.program_done and (not self._expects_workspace or self.report_done)
 
     @property
     def report_done(self) -> bool:
@@ -312,7 +306,7 @@ def _return_value(raw: bytes) -> str | None:
 
 async def _off_loop(func: Callable[[bytes], _T], raw: bytes) -> _T:
     """``func(raw)``, in a worker thread when ``raw`` is large: linear still means tens of ms a MiB."""
-    if len(raw) <= _OFF_LOOP_BYTES:
+    if len(raw) <= OFF_LOOP_BYTES:
         return func(raw)
     return await anyio.to_thread.run_sync(func, raw)
 

@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from codomyrmex_sandbox import protocol
 from codomyrmex_sandbox.models import ExecutionResult, Limits, ResourceUsage, Status
-from codomyrmex_sandbox.output import OutputCallback, OutputCollector
+from codomyrmex_sandbox.output import OFF_LOOP_BYTES, OutputCallback, OutputCollector
 from codomyrmex_sandbox.protocol import HEADER_MAGIC, new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import RuntimeSpec
 from codomyrmex_sandbox.workspace import UploadedFile, collect
@@ -33,9 +33,6 @@ __all__ = [
     "new_nonce",
     "runner_header",
 ]
-
-
-_OFF_LOOP_BYTES = 64 * 1024  # workspace entries larger than this in all are read in a worker thread
 
 
 @dataclass(frozen=True)
@@ -157,7 +154,7 @@ async def build_result(
     entries = (collector.entries(protocol.FILE), collector.entries(protocol.FIGURE))
     gather = partial(collect, *entries, collector.trailers.get(protocol.FILES_END), job.limits, expected=workspace)
     # Decoding and hashing megabytes of content is work for a worker thread, not the event loop.
-    large = sum(len(value) for values in entries for value in values) > _OFF_LOOP_BYTES
+    large = sum(len(value) for values in entries for value in values) > OFF_LOOP_BYTES
     out = await anyio.to_thread.run_sync(gather) if large else gather()
     return ExecutionResult(
         execution_id=job.execution_id,

@@ -70,17 +70,17 @@ async def test_a_trailer_on_stderr_carries_no_value_but_marks_the_stream_complet
     assert collector.reported_exit() is None
     assert collector.return_value() is None
     assert collector.text("stderr") == "warn\n" + sanitize(trailer("rv", b"MQ==").decode())
-    assert not collector.runner_done  # stdout has not ended yet
+    assert not collector.program_done  # stdout has not ended yet
 
 
-async def test_the_runner_is_done_when_both_streams_carry_the_same_exit_trailer():
+async def test_the_program_is_done_when_both_streams_carry_the_same_exit_trailer():
     collector, _ = await collect([("stdout", b"1\n" + trailer("exit", b"3")), ("stderr", trailer("exit", b"3"))])
-    assert collector.runner_done
+    assert collector.program_done
     assert collector.reported_exit() == 3
     assert collector.text("stdout") == "1\n"
     assert collector.text("stderr") == ""
     mismatch, _ = await collect([("stdout", trailer("exit", b"3")), ("stderr", trailer("exit", b"0"))])
-    assert not mismatch.runner_done
+    assert not mismatch.program_done
 
 
 async def test_output_past_the_cap_is_cut_and_flagged():
@@ -361,16 +361,16 @@ async def test_large_final_texts_are_sanitized_in_a_worker_thread(monkeypatch):
         return decoded(raw)
 
     monkeypatch.setattr(output_module, "_decoded", recording)
-    big = "\x90".encode() * output_module._OFF_LOOP_BYTES  # twice the bound, in bytes
+    big = "\x90".encode() * output_module.OFF_LOOP_BYTES  # twice the bound, in bytes
     rv = base64.b64encode(big)
     collector, _ = await collect([("stdout", big + trailer("rv", rv)), ("stderr", b"small\x1b[1m")], cap=len(big))
     here = threading.get_ident()
 
-    assert await collector.final_text("stdout") == "\\x90" * output_module._OFF_LOOP_BYTES
+    assert await collector.final_text("stdout") == "\\x90" * output_module.OFF_LOOP_BYTES
     assert threads.pop() != here
     assert await collector.final_text("stderr") == "small"
     assert threads.pop() == here
-    assert await collector.final_return_value() == "\\x90" * output_module._OFF_LOOP_BYTES
+    assert await collector.final_return_value() == "\\x90" * output_module.OFF_LOOP_BYTES
     assert threads.pop() != here
     assert collector.text("stdout") == await collector.final_text("stdout")
 
