@@ -155,48 +155,45 @@ async def test_fastmcp_client_gets_the_same_blocks(servers: Servers, tmp_path: P
 # -- pydantic-ai and openai-agents: the OpenAI Responses tool output -----------------------------
 
 
-async def test_pydantic_ai_agent_hands_the_model_the_text_the_figure_as_an_image_and_the_csv(
-    servers: Servers, tmp_path: Path, capfd: pytest.CaptureFixture[str], fake_model: FakeModel
-) -> None:
+async def responses_output(
+    library: str, servers: Servers, tmp_path: Path, capfd: pytest.CaptureFixture[str], fake_model: FakeModel
+) -> list[Any]:
+    """Run README's snippet for ``library`` against the scripted model; the tool output it sent the
+    model, whose first part must be the text block and whose second the figure, whole."""
     fake_model.calls = [ARGUMENTS]
-    snippet = snippet_module("pydantic-ai", servers, tmp_path)
-
+    snippet = snippet_module(library, servers, tmp_path)
     with anyio.fail_after(CALL_DEADLINE):
         await snippet["main"]()
-        await snippet["sandbox"].client.close()
-
+        if library == "pydantic-ai":
+            await snippet["sandbox"].client.close()  # FastMCP keeps the server between runs; this ends it
     assert capfd.readouterr().out == f"{FINAL_TEXT}\n"
-    # pydantic_ai.mcp._map_mcp_call_tool_result: with a non-text block it maps the content blocks (not
-    # structuredContent): text as text, the image as BinaryImage, the text resource as its text alone.
-    output = function_call_output(fake_model)
+    output: list[Any] = function_call_output(fake_model)
     assert [part["type"] for part in output] == ["input_text", "input_image", "input_text"], output
     size = assert_text_block(output[0]["text"])
     data_url_png(output[1]["image_url"], size)
-    assert output[2]["text"].startswith(SUMMARY_HEAD)
     assert_clean_exits(servers, started=1)
+    return output
+
+
+async def test_pydantic_ai_agent_hands_the_model_the_text_the_figure_as_an_image_and_the_csv(
+    servers: Servers, tmp_path: Path, capfd: pytest.CaptureFixture[str], fake_model: FakeModel
+) -> None:
+    # pydantic_ai.mcp._map_mcp_call_tool_result: with a non-text block it maps the content blocks (not
+    # structuredContent): text as text, the image as BinaryImage, the text resource as its text alone.
+    output = await responses_output("pydantic-ai", servers, tmp_path, capfd, fake_model)
+    assert output[2]["text"].startswith(SUMMARY_HEAD)
 
 
 async def test_openai_agents_hands_the_model_the_text_the_figure_as_an_image_and_the_resource_as_json(
     servers: Servers, tmp_path: Path, capfd: pytest.CaptureFixture[str], fake_model: FakeModel
 ) -> None:
-    fake_model.calls = [ARGUMENTS]
-    snippet = snippet_module("openai-agents", servers, tmp_path)
-
-    with anyio.fail_after(CALL_DEADLINE):
-        await snippet["main"]()
-
-    assert capfd.readouterr().out == f"{FINAL_TEXT}\n"
     # agents.mcp.util.MCPUtil.invoke_mcp_tool: text as text, an image as a data URL, any other block
     # as its JSON (uri included).
-    output = function_call_output(fake_model)
-    assert [part["type"] for part in output] == ["input_text", "input_image", "input_text"], output
-    size = assert_text_block(output[0]["text"])
-    data_url_png(output[1]["image_url"], size)
+    output = await responses_output("openai-agents", servers, tmp_path, capfd, fake_model)
     resource = json.loads(output[2]["text"])
     assert resource["type"] == "resource"
     assert re.fullmatch(r"sandbox://executions/[0-9a-f]{32}/files/summary\.csv", resource["resource"]["uri"])
     assert resource["resource"]["text"].startswith(SUMMARY_HEAD)
-    assert_clean_exits(servers, started=1)
 
 
 # -- langchain-mcp-adapters (mcp 1.x, in .venv-clients) ------------------------------------------
