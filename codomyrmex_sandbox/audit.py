@@ -54,7 +54,7 @@ def code_digest(code: bytes) -> str:
     return hashlib.sha256(code).hexdigest()
 
 
-def _files_summary(files: Iterable[tuple[str, int]]) -> dict[str, Any]:
+def files_summary(files: Iterable[tuple[str, int]]) -> dict[str, Any]:
     """Files in or out as an audit record holds them: how many, their total size, their hashes;
     never their names or their content."""
     listed = list(files)
@@ -115,9 +115,9 @@ class AuditLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def execution(self, language: str, client: str | None) -> ExecutionAudit:
+    def execution(self, language: str, client: str | None, *, session_id: str | None = None) -> ExecutionAudit:
         """The audit trail of one new call, under a fresh execution id; use it as a context manager."""
-        return ExecutionAudit(self, uuid.uuid4().hex, language[:40], client)
+        return ExecutionAudit(self, uuid.uuid4().hex, language[:40], client, session_id)
 
     def write(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         """Write one record. The service writes only through `execution`, which keeps the schema's records."""
@@ -146,8 +146,11 @@ class ExecutionAudit:
     without a result writes the end record of the `Outcome` that the exception (or its absence) maps to.
     """
 
-    def __init__(self, log: AuditLog, execution_id: str, language: str, client: str | None) -> None:
+    def __init__(
+        self, log: AuditLog, execution_id: str, language: str, client: str | None, session_id: str | None = None
+    ) -> None:
         self.execution_id = execution_id
+        self.session_id = session_id  # the session the call names, if any (the records carry it)
         self.language = language  # a request's, at most 40 characters, or "python" when it names none
         self.outcome: Outcome | None = None
         self._log = log
@@ -179,11 +182,12 @@ class ExecutionAudit:
             "audit.execution_started",
             execution_id=job.execution_id,
             client=self._client,
+            session_id=self.session_id,
             language=self._request.language if self._request is not None else self.language,
             code_sha256=code_digest(job.code),
             code_bytes=len(job.code),
             stdin_bytes=None if job.stdin is None else len(job.stdin),
-            files_in=_files_summary((upload.sha256, len(upload.data)) for upload in job.files),
+            files_in=files_summary((upload.sha256, len(upload.data)) for upload in job.files),
             requested=requested_limits(self._request),
             limits=job.limits.model_dump(),
         )
@@ -198,6 +202,9 @@ class ExecutionAudit:
             "audit.execution",
             execution_id=result.execution_id,
             client=self._client,
+            session_id=self.session_id,
+            call_index=None if result.session is None else result.session.call_index,
+            session_state=None if result.session is None else result.session.state,
             language=result.language,
             runtime=result.runtime,
             requested=requested_limits(self._request),
@@ -211,8 +218,8 @@ class ExecutionAudit:
             stderr_bytes=len(result.stderr.encode("utf-8", "replace")),
             stdout_truncated=result.stdout_truncated,
             stderr_truncated=result.stderr_truncated,
-            files_out=_files_summary((entry.sha256, entry.size_bytes) for entry in result.files),
-            figures_out=_files_summary((entry.sha256, entry.size_bytes) for entry in result.figures),
+            files_out=files_summary((entry.sha256, entry.size_bytes) for entry in result.files),
+            figures_out=files_summary((entry.sha256, entry.size_bytes) for entry in result.figures),
             files_complete=result.files_complete,
         )
 
@@ -228,6 +235,7 @@ class ExecutionAudit:
             "audit.execution",
             execution_id=self.execution_id,
             client=self._client,
+            session_id=self.session_id,
             language=self.language,
             requested=requested_limits(self._request),
             status=outcome.value,

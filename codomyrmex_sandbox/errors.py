@@ -73,3 +73,12 @@ class ServerBusyError(SandboxError):
 
 class BackendError(SandboxError):
     """The engine failed while creating, running or removing a sandbox."""
+
+
+class SessionNotFoundError(InvalidRequestError):
+    """A session id that is not one of the caller's open sessions (never existed, another client's, or
+    ended: then the message says why, to its owner only)."""
+
+
+class SessionLimitError(ServerBusyError):
+    """create_session past max_sessions or max_sessions_per_client."""

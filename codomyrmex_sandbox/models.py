@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping
+from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any, Literal, TypeVar, get_args
 
@@ -204,6 +205,29 @@ class InputFile(ToolArguments):
     )
 
 
+SESSION_ID_MAX_CHARS = 64  # an id is "s_" and 43 URL-safe base64 characters (256 bits)
+
+EndedReason = Literal["timeout", "memory_limit", "output_limit", "killed", "exit"]
+
+
+class SessionState(BaseModel):
+    """Where a session stands after one of its calls: the truth about what its next call will see."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str = Field(description="The session the call ran in.")
+    call_index: int = Field(description="This call's number in the session, 1 for the first.")
+    state: Literal["kept", "ended"] = Field(
+        description="kept: the interpreter survived; variables, imports, functions, the current directory and "
+        "the working directory's files are all there for the next call. ended: the session is gone (see "
+        "ended_reason); the next call with its id fails and a new session must be created."
+    )
+    ended_reason: EndedReason | None = Field(
+        description="Why the session ended: timeout, memory_limit, output_limit, killed (the interpreter died), "
+        "exit (the program left the interpreter); null while it is kept."
+    )
+
+
 class ExecutionRequest(ToolArguments):
     """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy.
 
@@ -246,6 +270,15 @@ class ExecutionRequest(ToolArguments):
         "{max_input_bytes} bytes in all (decoded). Default none. Files the program creates or changes there "
         "come back in the result's files, and Python's matplotlib figures in its figures.",
         json_schema_extra={FROM_SETTINGS: {"maxItems": "max_input_files"}},
+    )
+    # An empty id is no session: a model bound by a strict-mode schema (every field required) sends "".
+    session_id: Annotated[str | None, BeforeValidator(lambda value: None if value == "" else value)] = Field(
+        default=None,
+        description="Run in this session (from create_session), whose interpreter keeps variables, imports, "
+        "functions, the current directory and files from call to call. Default none: a fresh sandbox that "
+        "keeps nothing. With a session, language may be left out, memory_mb is the session's (leave it out), "
+        "and timeout_seconds applies to this call alone.",
+        json_schema_extra={"maxLength": SESSION_ID_MAX_CHARS},
     )
 
 
@@ -370,6 +403,11 @@ class ExecutionResult(BaseModel):
         description="False when the files could not all be looked at (the collection's time bound, or a "
         "program that did not end by itself: timeout, output limit); files then lists what was seen.",
     )
+    session: SessionState | None = Field(
+        default=None,
+        description="For a call in a session: its number and whether the session's state was kept; null "
+        "for a call without a session.",
+    )
 
     def render_text(self) -> str:  # noqa: C901 - one line per part of the result
         """A short human-readable rendering: status line, then stdout, then stderr."""
@@ -398,6 +436,8 @@ class ExecutionResult(BaseModel):
             parts.append(f"({self.files_unlisted} more created or changed files not listed)")
         if not self.files_complete:
             parts.append("(the files could not all be collected; the list may be incomplete)")
+        if self.session is not None:
+            parts.append(_session_line(self.session))
         return "\n".join(parts)
 
     def for_model(self, limit: int) -> ExecutionResult:
@@ -416,6 +456,16 @@ class ExecutionResult(BaseModel):
         if not stdout.omitted_bytes and not stderr.omitted_bytes and (value is None or not value.omitted_bytes):
             return self
         return self.model_copy(update=_excerpt_fields(self, stdout, stderr, value))
+
+
+def _session_line(session: SessionState) -> str:
+    where = f"session {session.session_id}, call {session.call_index}"
+    if session.state == "kept":
+        return f"({where}: state kept for the next call)"
+    return (
+        f"({where}: the session ended ({session.ended_reason}); its state is gone, and a next call needs "
+        "a new session from create_session)"
+    )
 
 
 def _entry_line(entry: ReturnedFile) -> str:
@@ -438,3 +488,102 @@ def _excerpt_fields(result: ExecutionResult, stdout: Excerpt, stderr: Excerpt, v
 def request_from_arguments(arguments: Mapping[str, Any]) -> ExecutionRequest:
     """Validate `execute_code`'s arguments (the tool's or the Python API's); raises InvalidRequestError."""
     return validate_arguments(ExecutionRequest, arguments)
+
+
+# -- sessions (see MCP_TOOL_SPECIFICATION.md, "Sessions") -------------------------------------------
+
+
+class CreateSessionRequest(ToolArguments):
+    """What `create_session` asks for. Bounds that depend on the operator's policy are checked by it."""
+
+    language: str = Field(
+        default="python",
+        description="The runtime the session's interpreter runs. Default python.",
+        json_schema_extra={FROM_SETTINGS: {"enum": "languages"}},
+    )
+    memory_mb: Annotated[int, Field(ge=16), LENIENT_INT] | None = Field(
+        default=None,
+        description="Memory limit of the whole session in MiB, swap included; default {default_memory_mb} MiB.",
+        json_schema_extra={FROM_SETTINGS: {"maximum": "max_memory_mb"}},
+    )
+    files: list[InputFile] | None = Field(
+        default=None,
+        description="Files to place in the session's working directory (/sandbox) before its first call: at "
+        "most {max_input_files} files and {max_input_bytes} bytes in all (decoded). Default none.",
+        json_schema_extra={FROM_SETTINGS: {"maxItems": "max_input_files"}},
+    )
+    idle_timeout_seconds: Annotated[float, Field(ge=1, allow_inf_nan=False), LENIENT_NUMBER] | None = Field(
+        default=None,
+        description="End the session after this many seconds without a call; default "
+        "{session_idle_timeout_seconds:g} s, at most that.",
+        json_schema_extra={FROM_SETTINGS: {"maximum": "session_idle_timeout_seconds"}},
+    )
+
+
+class CloseSessionRequest(ToolArguments):
+    """What `close_session` asks for."""
+
+    session_id: str = Field(
+        description="The session to end, from create_session.",
+        json_schema_extra={"minLength": 1, "maxLength": SESSION_ID_MAX_CHARS},
+    )
+
+
+class ListSessionsRequest(ToolArguments):
+    """`list_sessions` takes no arguments."""
+
+
+class WrittenFile(BaseModel):
+    """A file written into a session's working directory when it was created."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: str = Field(description="Path relative to the working directory.")
+    size_bytes: int = Field(description="Its size in bytes.")
+    sha256: str = Field(description="SHA-256 of its content, hex.")
+
+
+class CreatedSession(BaseModel):
+    """A session that is open and waiting for its first call. Field names are part of the tool contract."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str = Field(description="Pass it as execute_code's session_id; only this client can use it.")
+    language: str = Field(description="The language of the session's interpreter.")
+    runtime: str = Field(description='The runtime and its version, e.g. "python 3.11.2".')
+    limits: Limits = Field(description="The limits every call of the session runs under (timeout: the default).")
+    idle_timeout_seconds: float = Field(description="The session ends after this long without a call.")
+    expires_at: datetime = Field(description="The session's hard end (ISO 8601, UTC), however busy it is.")
+    files: list[WrittenFile] = Field(description="The files written into the working directory.")
+
+
+class ClosedSession(BaseModel):
+    """A session that `close_session` ended."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str = Field(description="The session that ended.")
+    calls: int = Field(description="How many calls ran in it.")
+    usage: ResourceUsage | None = Field(
+        description="The whole session's CPU time and peak memory, where the kernel's accounting is readable."
+    )
+
+
+class SessionSummary(BaseModel):
+    """One open session, as `list_sessions` shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    session_id: str
+    language: str
+    calls: int = Field(description="How many calls ran in it so far.")
+    idle_expires_at: datetime = Field(description="When it ends unless a call comes first (ISO 8601, UTC).")
+    expires_at: datetime = Field(description="Its hard end (ISO 8601, UTC).")
+
+
+class SessionList(BaseModel):
+    """The caller's open sessions."""
+
+    model_config = ConfigDict(frozen=True)
+
+    sessions: list[SessionSummary] = Field(description="The caller's open sessions, oldest first.")

@@ -80,8 +80,11 @@ class OutputCollector:
         guard_nonce: str | None = None,
         max_entry_trailer: int = 0,
         max_entry_bytes: Mapping[protocol.TrailerKey, int] | None = None,
+        session: bool = False,
     ) -> None:
-        """``guard_nonce`` is the sandbox init's, when it reports the workspace (see `protocol`);
+        """``session`` says this is one call of a session, whose runner ends a call that its interpreter
+        survives with ``done`` trailers (in any other run they are output).
+        ``guard_nonce`` is the sandbox init's, when it reports the workspace (see `protocol`);
         a ``fig`` or ``file`` trailer may then be ``max_entry_trailer`` bytes long, and those of each
         key are kept up to ``max_entry_bytes[key]`` bytes in all (the rest are dropped, so memory
         stays bounded whatever a sandbox sends, and figures a program forges cannot crowd out the
@@ -99,9 +102,9 @@ class OutputCollector:
         self._held: dict[StreamName, bytearray] = {"stdout": bytearray(), "stderr": bytearray()}
         self._open: dict[StreamName, tuple[bytes, bool, int] | None] = {"stdout": None, "stderr": None}
         self._on_output = on_output
+        self._session = session
         self._trailers: dict[protocol.TrailerKey, bytes] = {}  # stdout's single-valued ones
-        self._stderr_exit: bytes | None = None
-        self._stderr_report_end = False  # the init's files-end on stderr: that stream is complete
+        self._stderr_trailers: dict[protocol.TrailerKey, bytes] = {}  # stderr's: exit, done, files-end
         self._entries: dict[protocol.TrailerKey, list[bytes]] = {protocol.FIGURE: [], protocol.FILE: []}
         self._entry_room: dict[protocol.TrailerKey, int] = {protocol.FIGURE: 0, protocol.FILE: 0}
         self._entry_room |= max_entry_bytes or {}
@@ -119,15 +122,19 @@ class OutputCollector:
 
     @property
     def program_done(self) -> bool:
-        """Both streams carried the runner's exit trailer, with the same status: the program is over."""
-        return self._stderr_exit is not None and self._trailers.get(protocol.EXIT) == self._stderr_exit
+        """Both streams carried the runner's exit trailer (or, for a session's call, its done
+        trailer), with the same status: the program (or the call) is over."""
+        return any(
+            key in self._stderr_trailers and self._trailers.get(key) == self._stderr_trailers[key]
+            for key in (protocol.EXIT, protocol.DONE)
+        )
 
     @property
     def report_done(self) -> bool:
         """The init's report of the workspace has ended, on both streams. The init writes it once
         the program has ended, however it ended (with the runner's word or without: killed), and
         every other process is dead by then: nothing more will come from the sandbox."""
-        return protocol.FILES_END in self._trailers and self._stderr_report_end
+        return protocol.FILES_END in self._trailers and protocol.FILES_END in self._stderr_trailers
 
     def entries(self, key: protocol.TrailerKey) -> list[bytes]:
         """The values of the ``fig`` or ``file`` trailers, in the order they came."""
@@ -173,6 +180,14 @@ class OutputCollector:
         """The exit status the runner reported for a deliberate exit, if it did."""
         raw = self._trailers.get(protocol.EXIT)
         return None if raw is None else protocol.decode_exit(raw)
+
+    def reported_done(self) -> int | None:
+        """A session call's status as the runner reported it on both streams, if it did: the call
+        ended and the interpreter lives on."""
+        raw = self._trailers.get(protocol.DONE)
+        if raw is None or self._stderr_trailers.get(protocol.DONE) != raw:
+            return None
+        return protocol.decode_exit(raw)
 
     async def _keep(self, stream: StreamName, chunk: bytes) -> None:
         if not chunk:
@@ -280,6 +295,8 @@ class OutputCollector:
         if parsed is None:
             return False
         key, value = parsed
+        if key == protocol.DONE and not self._session:
+            return False
         if key in self._entries:
             if len(value) <= self._entry_room[key]:
                 self._entries[key].append(value)
@@ -288,10 +305,8 @@ class OutputCollector:
                 self.entries_dropped += 1
         elif stream == "stdout":
             self._trailers[key] = value
-        elif key == protocol.FILES_END:
-            self._stderr_report_end = True
         else:
-            self._stderr_exit = value
+            self._stderr_trailers[key] = value
         return True
 
 

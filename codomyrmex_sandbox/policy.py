@@ -64,6 +64,14 @@ def limits_for(request: ExecutionRequest, policy: LimitPolicy) -> Limits:
     return _limits(policy, timeout, memory)
 
 
+def session_limits(policy: LimitPolicy, memory_mb: int | None) -> Limits:
+    """The limits of a session (its calls' timeout defaults to the policy's), or a LimitAboveCapError."""
+    memory = policy.default_memory_mb if memory_mb is None else memory_mb
+    if memory > policy.max_memory_mb:
+        raise LimitAboveCapError("memory_mb", memory, policy.max_memory_mb, "MiB")
+    return _limits(policy, policy.default_timeout_seconds, memory)
+
+
 def default_limits(policy: LimitPolicy) -> Limits:
     """The effective limits of a call that asks for nothing: what a backend prepares sandboxes for."""
     return _limits(policy, policy.default_timeout_seconds, policy.default_memory_mb)

@@ -18,6 +18,7 @@ streams::
   the program succeeded and its last statement is an expression (the Python runner).
 - ``fig`` (stdout only, Python): one matplotlib figure the program showed or left open, in the
   order they were created: ``<size> <sha256 hex | -> <omitted | -> <base64 PNG | ->``.
+- ``done`` (stdout and stderr, sessions): the status of a call whose interpreter survives.
 - ``exit`` (stdout and stderr): the decimal status of a deliberate exit, written as the very last
   thing the program does. It tells ``sys.exit(137)`` apart from a SIGKILL, and once it has
   arrived on both streams the host knows each stream is complete.
@@ -36,6 +37,28 @@ sandbox ever sees (the runner's nonce is in the runner's memory, which the progr
 
     \\0<guard nonce>:file=<base64 path> <size> <sha256 hex | -> <omitted | -> <base64 content | ->\\0
     \\0<guard nonce>:files-end=<listed> <unlisted> <complete 1 | 0>\\0   (on stdout and on stderr)
+
+**Sessions.** A session keeps one sandbox and one interpreter for many calls. Its lease carries
+more than one frame. The first opens the session, with the workspace header's fields and one
+more, the session's lifetime, which lowers the init's self-destruct deadline (never raises it)::
+
+    CODOMYRMEX-SS1 <guard nonce> <files length> <max returned> <max file bytes> <max total bytes>
+                   <max listed> <budget ms> <lifetime ms>\n<files><runner input>
+
+and its runner input is ``CODOMYRMEX-SESSION1 <nonce> <max figures> <max figure bytes>\n``. Each
+call is then one frame of its own, with a fresh guard nonce and a fresh runner nonce::
+
+    CODOMYRMEX-SC1 <guard nonce>\nCODOMYRMEX-CALL1 <nonce> <code length> <stdin length>\n<code><stdin>
+
+The runner runs the code in the interpreter it keeps, with the call's stdin as a fresh fd 0, and
+ends each call whose interpreter survives with a ``done`` trailer on both streams (its value the
+call's status: 0 when the code ran to its end, else 1 or, in bash, the code's ``$?``); then it
+asks the init, with signal 40 sent to PID 1 from its own process, to report the files the call
+created or changed (compared with the init's view at the end of the previous call), which the
+init does in the one-shot format under the call's guard nonce, ``files-end`` on both streams last.
+The open frame is answered the same way, as a call that ran no code. When the program leaves the
+interpreter, the runner writes ``exit`` trailers instead, and the init's final report follows as in
+one-shot. ``runtimes/_shared/seccomp_guard.c`` describes the init's side in full.
 
 A trailer is at most a bounded number of bytes from its marker to its closing NUL
 (`MAX_TRAILER` for ``rv`` and ``exit``; the backend sizes ``fig`` and ``file`` from the
@@ -57,22 +80,27 @@ from typing import Final, Literal
 HEADER_MAGIC: Final = "CODOMYRMEX1"
 
 WORKSPACE_MAGIC: Final = "CODOMYRMEX-WS1"
+SESSION_MAGIC: Final = "CODOMYRMEX-SS1"
+CALL_FRAME_MAGIC: Final = "CODOMYRMEX-SC1"
+RUNNER_SESSION_MAGIC: Final = "CODOMYRMEX-SESSION1"
+RUNNER_CALL_MAGIC: Final = "CODOMYRMEX-CALL1"
 
-TrailerKey = Literal["rv", "exit", "fig", "file", "files-end"]
+TrailerKey = Literal["rv", "exit", "done", "fig", "file", "files-end"]
 RETURN_VALUE: Final[TrailerKey] = "rv"
 EXIT: Final[TrailerKey] = "exit"
+DONE: Final[TrailerKey] = "done"
 FIGURE: Final[TrailerKey] = "fig"
 FILE: Final[TrailerKey] = "file"
 FILES_END: Final[TrailerKey] = "files-end"
 _KEYS: Final[Mapping[bytes, TrailerKey]] = MappingProxyType(
-    {b"rv": RETURN_VALUE, b"exit": EXIT, b"fig": FIGURE, b"file": FILE, b"files-end": FILES_END}
+    {b"rv": RETURN_VALUE, b"exit": EXIT, b"done": DONE, b"fig": FIGURE, b"file": FILE, b"files-end": FILES_END}
 )
 
 # The keys each stream may carry under the runner's nonce; any other key is output.
 STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
     {
-        "stdout": frozenset({b"rv", b"exit", b"fig"}),
-        "stderr": frozenset({b"exit"}),
+        "stdout": frozenset({b"rv", b"exit", b"done", b"fig"}),
+        "stderr": frozenset({b"exit", b"done"}),
     }
 )
 # The keys each stream may carry under the init's (guard's) nonce.
@@ -118,6 +146,36 @@ def workspace_header(
     return f"{WORKSPACE_MAGIC} {guard_nonce} {' '.join(str(field) for field in fields)}\n".encode("ascii")
 
 
+def session_header(
+    guard_nonce: str,
+    files: bytes,
+    *,
+    max_returned: int,
+    max_file_bytes: int,
+    max_total_bytes: int,
+    max_listed: int,
+    budget_ms: int,
+    lifetime_ms: int,
+) -> bytes:
+    """The first line of a session's first frame: the workspace header's fields and the lifetime."""
+    fields = (len(files), max_returned, max_file_bytes, max_total_bytes, max_listed, budget_ms, lifetime_ms)
+    return f"{SESSION_MAGIC} {guard_nonce} {' '.join(str(field) for field in fields)}\n".encode("ascii")
+
+
+def runner_session_header(nonce: str, max_figures: int, max_figure_bytes: int) -> bytes:
+    """The runner input that turns a waiting runner into a session's interpreter."""
+    return f"{RUNNER_SESSION_MAGIC} {nonce} {max_figures} {max_figure_bytes}\n".encode("ascii")
+
+
+def call_frame(guard_nonce: str, nonce: str, code: bytes, stdin: bytes) -> bytes:
+    """The body of one session call's frame: the init's header line, then the runner's, code and stdin."""
+    return (
+        f"{CALL_FRAME_MAGIC} {guard_nonce}\n{RUNNER_CALL_MAGIC} {nonce} {len(code)} {len(stdin)}\n".encode("ascii")
+        + code
+        + stdin
+    )
+
+
 def files_section(files: list[tuple[bytes, bytes]]) -> bytes:
     """The uploaded files as the init reads them: per file its path's and content's lengths, then both."""
     return b"".join(b"%d %d\n" % (len(path), len(content)) + path + content for path, content in files)
@@ -159,12 +217,12 @@ def decode_return_value(raw: bytes) -> bytes | None:
 
 
 def encode_exit(status: int) -> bytes:
-    """An ``exit`` trailer's value."""
+    """An ``exit`` (or ``done``) trailer's value."""
     return str(status).encode("ascii")
 
 
 def decode_exit(raw: bytes) -> int | None:
-    """The status in an ``exit`` trailer's value, or None when it is not one (0 to 255)."""
+    """The status in an ``exit`` (or ``done``) trailer's value, or None when it is not one (0 to 255)."""
     if not raw.isdigit() or len(raw) > _MAX_EXIT_DIGITS or int(raw) > _MAX_EXIT:
         return None
     return int(raw)

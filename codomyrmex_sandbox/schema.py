@@ -49,12 +49,14 @@ _KEYWORDS: dict[str, frozenset[str]] = {
 _BOUNDS = ("minimum", "maximum", "minLength", "maxLength", "minItems", "maxItems")
 
 
-def input_schema(sandbox: Sandbox) -> dict[str, Any]:
-    """The `execute_code` input schema, with the operator's caps as bounds so clients see them up front.
+def input_schema(sandbox: Sandbox, model: type[BaseModel] = ExecutionRequest) -> dict[str, Any]:
+    """A tool's input schema (`execute_code`'s by default), with the operator's caps as bounds so
+    clients see them up front.
 
     Where languages have different caps, the schema shows the largest; a call above its own
     language's cap is refused with a message naming that cap. The defaults it states are those of
-    the default language.
+    the default language. On a server without sessions (``max_sessions = 0``) `execute_code` has
+    no ``session_id``.
     """
     policies = list(sandbox.policies.values())
     default_language = ExecutionRequest.model_fields["language"].default
@@ -63,7 +65,11 @@ def input_schema(sandbox: Sandbox) -> dict[str, Any]:
     values: dict[str, Any] = default_policy.model_dump()
     values |= {name: max(getattr(p, name) for p in policies) for name in values if name.startswith("max_")}
     values["languages"] = sandbox.languages
-    return flat_schema(ExecutionRequest, values)
+    values["session_idle_timeout_seconds"] = sandbox.settings.session_idle_timeout_seconds
+    schema = flat_schema(model, values)
+    if model is ExecutionRequest and sandbox.settings.max_sessions == 0:
+        del schema["properties"]["session_id"]
+    return schema
 
 
 def flat_schema(model: type[BaseModel], values: Mapping[str, Any]) -> dict[str, Any]:

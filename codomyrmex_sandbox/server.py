@@ -1,4 +1,4 @@
-"""The MCP adapter: the `execute_code` tool over any MCP transport.
+"""The MCP adapter: the `execute_code` tool (and the session tools) over any MCP transport.
 
 It knows nothing about Docker: it turns tool arguments into a request for the `Sandbox`
 service, progress tokens into streamed output, and results or errors into MCP results. A program
@@ -10,7 +10,11 @@ the stdio transport, hardened against what a client may send, is in `stdio`.
 from __future__ import annotations
 
 import base64
+import json
+import secrets
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import quote
 
@@ -20,18 +24,34 @@ import mcp_types as types
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.shared.exceptions import MCPError
+from pydantic import BaseModel
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.errors import SandboxError
 from codomyrmex_sandbox.excerpt import excerpt_is_cheap
 from codomyrmex_sandbox.logs import get_logger
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, request_from_arguments
+from codomyrmex_sandbox.models import (
+    ClosedSession,
+    CloseSessionRequest,
+    CreatedSession,
+    CreateSessionRequest,
+    ExecutionRequest,
+    ExecutionResult,
+    ListSessionsRequest,
+    SessionList,
+    request_from_arguments,
+    validate_arguments,
+)
 from codomyrmex_sandbox.output import StreamName
 from codomyrmex_sandbox.schema import input_schema
 from codomyrmex_sandbox.service import Sandbox
 from codomyrmex_sandbox.workspace import IMAGE_TYPES
 
 TOOL_NAME = "execute_code"
+CREATE_SESSION = "create_session"
+CLOSE_SESSION = "close_session"
+LIST_SESSIONS = "list_sessions"
+OWNER = "owner"  # the lifespan context's key for the connection's owner token
 STREAM_INTERVAL_SECONDS = 0.1
 STREAM_MESSAGE_CHARS = 16_384
 STREAM_BACKLOG_CHARS = 65_536
@@ -45,9 +65,16 @@ def tool_description(sandbox: Sandbox) -> str:
         if egress
         else "no network access"
     )
+    persistence = (
+        "nothing persists between calls unless you pass the session_id of a session made with create_session "
+        "(then variables, imports, functions, the current directory and files carry over, and the result's "
+        "session.state says whether they still do)"
+        if sandbox.settings.max_sessions > 0
+        else "nothing persists between calls"
+    )
     return (
         "Run code in a fresh, isolated sandbox and return its output. Each call starts from a clean "
-        "machine: nothing persists between calls, there is no access to the host's files, and "
+        f"machine: {persistence}; there is no access to the host's files, and "
         f"{network}. Languages: {', '.join(sandbox.languages)}. Python returns the repr of a final "
         "expression as return_value and has numpy, pandas, matplotlib and pytest. Pass `files` to put data "
         "or a project in the working directory (/sandbox); files the program creates or changes there "
@@ -74,31 +101,171 @@ def build_tool(sandbox: Sandbox) -> types.Tool:
     )
 
 
+def session_tools(sandbox: Sandbox) -> list[types.Tool]:
+    """`create_session`, `close_session` and `list_sessions`; none on a server without sessions."""
+    settings = sandbox.settings
+    if settings.max_sessions == 0:
+        return []
+    idle, lifetime = settings.session_idle_timeout_seconds, settings.session_max_lifetime_seconds
+    create = (
+        "Start a session: one isolated sandbox whose interpreter keeps its state from call to call. Pass the "
+        "returned session_id to execute_code: Python keeps its globals, imports and functions (and returns "
+        "a final expression's repr), JavaScript its global scope (let/const/class/function), bash its variables, "
+        "functions and current directory; files in /sandbox stay, and processes started in the background run "
+        "until the session ends. Each result's session.state says whether the state is still there: a timeout, "
+        "the memory or output limit, or the program exiting the interpreter ends the session (ended_reason "
+        "says which), an error does not. Calls of a session run one at a time. A session ends after "
+        f"idle_timeout_seconds without a call (default {idle:g} s) and at expires_at ({lifetime:g} s after "
+        "creation) at the latest; close it with close_session when done. Only this client can use it."
+    )
+    return [
+        _tool(
+            sandbox, CREATE_SESSION, "Create a session", create, CreateSessionRequest, CreatedSession, idempotent=False
+        ),
+        _tool(
+            sandbox,
+            CLOSE_SESSION,
+            "Close a session",
+            "End one of your sessions (after its running call, if any) and remove its sandbox; returns how "
+            "many calls it ran and its resource usage.",
+            CloseSessionRequest,
+            ClosedSession,
+            idempotent=False,
+            destructive=True,
+        ),
+        _tool(
+            sandbox,
+            LIST_SESSIONS,
+            "List sessions",
+            "List your open sessions: id, language, calls so far, when each ends if left idle, and its hard end.",
+            ListSessionsRequest,
+            SessionList,
+            idempotent=True,
+            read_only=True,
+        ),
+    ]
+
+
+def _tool(  # noqa: PLR0917 - one tool's parts, in the order a Tool lists them
+    sandbox: Sandbox,
+    name: str,
+    title: str,
+    description: str,
+    arguments: type[BaseModel],
+    result: type[BaseModel],
+    *,
+    idempotent: bool,
+    read_only: bool = False,
+    destructive: bool = False,
+) -> types.Tool:
+    return types.Tool(
+        name=name,
+        title=title,
+        description=description,
+        input_schema=input_schema(sandbox, arguments),
+        output_schema=result.model_json_schema(mode="serialization"),
+        annotations=types.ToolAnnotations(
+            title=title,
+            read_only_hint=read_only,
+            destructive_hint=destructive,
+            idempotent_hint=idempotent,
+            open_world_hint=False,
+        ),
+    )
+
+
 def build_server(sandbox: Sandbox) -> Server[Any]:
-    """An MCP server offering `execute_code` over ``sandbox``, which the caller opens and closes."""
-    tool = build_tool(sandbox)
+    """An MCP server offering `execute_code` (and the session tools) over ``sandbox``, which the
+    caller opens and closes.
+
+    Sessions belong to the connection that created them: each connection gets an owner token of its
+    own (random, from the server's lifespan, which the SDK enters once per connection), which no
+    other connection can present; when the connection ends, so do its sessions.
+    """
+    tools = [build_tool(sandbox), *session_tools(sandbox)]
+    names = [tool.name for tool in tools]
+
+    @asynccontextmanager
+    async def connection(_server: Server[dict[str, str]]) -> AsyncIterator[dict[str, str]]:
+        # Entered once per connection (a stdio client, an in-process client): its sessions are its
+        # own, and end when it goes.
+        owner = "connection:" + secrets.token_hex(16)
+        try:
+            yield {OWNER: owner}
+        finally:
+            with anyio.CancelScope(shield=True):
+                await sandbox.close_sessions_of(owner, "disconnected")
+
+    def owner_of(ctx: ServerRequestContext[Any]) -> str:
+        owner: str = ctx.lifespan_context[OWNER]
+        return owner
 
     async def list_tools(
         _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
     ) -> types.ListToolsResult:
-        return types.ListToolsResult(tools=[tool])
+        return types.ListToolsResult(tools=tools)
 
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
-        if params.name != TOOL_NAME:
-            raise MCPError(code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}; use {TOOL_NAME}")
-        return await _call_execute(sandbox, ctx, params.arguments or {})
+        arguments = params.arguments or {}
+        if params.name == TOOL_NAME:
+            return await _call_execute(sandbox, ctx, arguments, owner_of(ctx))
+        if params.name not in names:
+            raise MCPError(
+                code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}; use one of: {', '.join(names)}"
+            )
+        return await _call_session_tool(sandbox, ctx, params.name, arguments, owner_of(ctx))
 
     return Server(
         "codomyrmex-sandbox",
         version=__version__,
         instructions=tool_description(sandbox),
+        lifespan=connection,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )
 
 
+async def _call_session_tool(
+    sandbox: Sandbox, ctx: ServerRequestContext[Any], name: str, arguments: dict[str, Any], owner: str
+) -> types.CallToolResult:
+    client = _client_name(ctx)
+    outcome: BaseModel
+    try:
+        if name == CREATE_SESSION:
+            outcome = await sandbox.create_session_arguments(arguments, client=client, owner=owner)
+        elif name == CLOSE_SESSION:
+            outcome = await sandbox.close_session_arguments(arguments, owner=owner, client=client)
+        else:
+            validate_arguments(ListSessionsRequest, arguments)
+            outcome = sandbox.list_sessions(owner=owner)
+    except SandboxError as exc:
+        get_logger("codomyrmex_sandbox.server").info("call_not_run", tool=name, error=str(exc), client=client)
+        return types.CallToolResult(content=[types.TextContent(type="text", text=str(exc))], is_error=True)
+    structured = outcome.model_dump(mode="json")
+    return types.CallToolResult(
+        content=[types.TextContent(type="text", text=_session_text(name, structured))],
+        structured_content=structured,
+        is_error=False,
+    )
+
+
+def _session_text(name: str, structured: dict[str, Any]) -> str:
+    """A session tool's result as a model reads it: one line of what matters, then the JSON."""
+    if name == CREATE_SESSION:
+        head = (
+            f"session {structured['session_id']} open ({structured['runtime']}); pass it as session_id to "
+            f"execute_code. It ends after {structured['idle_timeout_seconds']:g} s idle, or at "
+            f"{structured['expires_at']}."
+        )
+    elif name == CLOSE_SESSION:
+        head = f"session {structured['session_id']} closed after {structured['calls']} calls."
+    else:
+        head = f"{len(structured['sessions'])} open sessions."
+    return head + "\n" + json.dumps(structured, indent=1)
+
+
 async def _call_execute(
-    sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any]
+    sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any], owner: str
 ) -> types.CallToolResult:
     client = _client_name(ctx)
     # Always stream: the session sends nothing unless the caller gave a progress token, and an
@@ -110,9 +277,9 @@ async def _call_execute(
         tg.start_soon(streamer.run)
         try:
             if request is None:  # the service refuses it, audits the refusal, and says why
-                outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client)
+                outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client, owner=owner)
             else:
-                outcome = await sandbox.execute_request(request, on_output=streamer.add, client=client)
+                outcome = await sandbox.execute_request(request, on_output=streamer.add, client=client, owner=owner)
         except SandboxError as exc:  # caught here: a task group would wrap it in a group
             outcome = exc
         finally:

@@ -19,6 +19,8 @@ built), the call waits for an admission slot, and the backend runs the job.
 
 from __future__ import annotations
 
+import secrets
+import time
 from collections.abc import Mapping, Sequence
 from contextlib import AsyncExitStack
 from types import MappingProxyType, TracebackType
@@ -27,13 +29,37 @@ from typing import Any, Self
 import anyio
 
 from codomyrmex_sandbox.admission import Admission
-from codomyrmex_sandbox.audit import AuditLog
+from codomyrmex_sandbox.audit import AuditLog, ExecutionAudit, files_summary
 from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_backend
-from codomyrmex_sandbox.errors import ConfigurationError, InvalidRequestError, SandboxError
-from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult, InputFile, Limits, request_from_arguments
+from codomyrmex_sandbox.backends.base import SessionJob
+from codomyrmex_sandbox.errors import (
+    ConfigurationError,
+    InvalidRequestError,
+    LimitAboveCapError,
+    SandboxError,
+    ServerBusyError,
+    UnknownLanguageError,
+)
+from codomyrmex_sandbox.models import (
+    ClosedSession,
+    CloseSessionRequest,
+    CreatedSession,
+    CreateSessionRequest,
+    ExecutionRequest,
+    ExecutionResult,
+    InputFile,
+    Limits,
+    ResourceUsage,
+    SessionList,
+    SessionState,
+    WrittenFile,
+    request_from_arguments,
+    validate_arguments,
+)
 from codomyrmex_sandbox.output import OutputCallback
-from codomyrmex_sandbox.policy import check_payload, resolve_limits, resolve_policies
+from codomyrmex_sandbox.policy import check_payload, limits_for, resolve_limits, resolve_policies, session_limits
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
+from codomyrmex_sandbox.sessions import Session, SessionRegistry, new_session_id
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
 from codomyrmex_sandbox.workspace import UploadedFile, check_files
 
@@ -63,6 +89,10 @@ class Sandbox:
             self.settings.max_queue_wait_seconds,
         )
         self.audit = AuditLog(self.settings.audit_log_path)
+        self.sessions = SessionRegistry(self.settings.max_sessions, self.settings.max_sessions_per_client)
+        # The owner of sessions created through the Python API of this Sandbox (the MCP adapter
+        # passes each connection's own).
+        self.local_owner = "local:" + secrets.token_hex(16)
         self._opened = False
         self._stack: AsyncExitStack | None = None
 
@@ -80,6 +110,7 @@ class Sandbox:
             # Background upkeep (the backend's reaper) lives as long as the Sandbox is open.
             tasks = await stack.enter_async_context(anyio.create_task_group())
             tasks.start_soon(self.backend.maintain)
+            tasks.start_soon(self._end_sessions_on_time)
             stack.callback(tasks.cancel_scope.cancel)
             self._stack = stack.pop_all()
         self._opened = True
@@ -96,6 +127,10 @@ class Sandbox:
     async def aclose(self) -> None:
         """Kill and remove every sandbox still running; safe to call twice."""
         self._opened = False
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for session in self.sessions.sessions():
+                    tg.start_soon(self._end_session, session, "shutdown")
         stack, self._stack = self._stack, None
         if stack is not None:
             # Not under a new cancel scope: the stack holds a task group whose scope must be current
@@ -121,15 +156,17 @@ class Sandbox:
         self,
         code: str,
         *,
-        language: str = "python",
+        language: str | None = None,
         stdin: str | None = None,
         timeout_seconds: float | None = None,
         memory_mb: int | None = None,
         files: FilesArgument | None = None,
+        session_id: str | None = None,
         on_output: OutputCallback | None = None,
         client: str | None = None,
+        owner: str | None = None,
     ) -> ExecutionResult:
-        """Run ``code`` once in a fresh sandbox and return how it ended.
+        """Run ``code`` once in a fresh sandbox (or in session ``session_id``) and return how it ended.
 
         ``files`` go into the working directory before the program starts: a mapping of relative
         path to content (bytes, or str for UTF-8 text), or the tool's entries (`InputFile` or dicts
@@ -142,13 +179,14 @@ class Sandbox:
             "stdin": stdin,
             "timeout_seconds": timeout_seconds,
             "memory_mb": memory_mb,
+            "session_id": session_id,
         }
         uploads: list[UploadedFile] | None = None
         if isinstance(files, Mapping):  # bytes stay bytes: no base64 round trip for the Python API
             uploads = python_uploads(files)
         else:
             arguments["files"] = None if files is None else [_entry(entry) for entry in files]
-        return await self._execute(arguments, on_output, client, uploads)
+        return await self._execute(arguments, on_output, client, owner, uploads)
 
     async def execute_arguments(
         self,
@@ -156,9 +194,14 @@ class Sandbox:
         *,
         on_output: OutputCallback | None = None,
         client: str | None = None,
+        owner: str | None = None,
     ) -> ExecutionResult:
-        """Like `execute`, for raw tool arguments (the MCP adapter's path); invalid ones are audited."""
-        return await self._execute(arguments, on_output, client)
+        """Like `execute`, for raw tool arguments (the MCP adapter's path); invalid ones are audited.
+
+        ``owner`` is who may use the sessions it names (the MCP adapter: the connection); default
+        this Sandbox's own Python API caller (`local_owner`).
+        """
+        return await self._execute(arguments, on_output, client, owner)
 
     async def execute_request(
         self,
@@ -166,23 +209,26 @@ class Sandbox:
         *,
         on_output: OutputCallback | None = None,
         client: str | None = None,
+        owner: str | None = None,
     ) -> ExecutionResult:
         """Like `execute`, for a request that is already a validated model."""
-        return await self._execute(request, on_output, client)
+        return await self._execute(request, on_output, client, owner)
 
     async def _execute(
         self,
         call: ExecutionRequest | Mapping[str, Any],
         on_output: OutputCallback | None,
         client: str | None,
+        owner: str | None,
         uploads: Sequence[UploadedFile] | None = None,
     ) -> ExecutionResult:
         """The one path from arguments to result; `AuditLog.execution` turns each way it can end into a record."""
-        if not self._opened:
-            raise SandboxError("the Sandbox is not open; use `async with Sandbox(...) as sandbox:`.")
-        with self.audit.execution(_language_named(call), client) as audit:
+        self._check_open()
+        with self.audit.execution(_language_named(call), client, session_id=_session_named(call)) as audit:
             request = call if isinstance(call, ExecutionRequest) else request_from_arguments(call)
             audit.requested(request)
+            if request.session_id is not None:
+                return await self._execute_in_session(request, audit, on_output, owner or self.local_owner)
             limits = self.effective_limits(request)
             policy = self.policies[request.language]
             code, stdin = check_payload(request, policy)
@@ -193,6 +239,273 @@ class Sandbox:
                 result = await self.backend.execute(job)
                 audit.finished(result)
             return result
+
+    def _check_open(self) -> None:
+        if not self._opened:
+            raise SandboxError("the Sandbox is not open; use `async with Sandbox(...) as sandbox:`.")
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    async def _execute_in_session(
+        self, request: ExecutionRequest, audit: ExecutionAudit, on_output: OutputCallback | None, owner: str
+    ) -> ExecutionResult:
+        """One call in a session: its limits are the session's (the timeout the call's own, within the
+        cap and the session's hard end); calls of a session run one at a time, in arrival order."""
+        assert request.session_id is not None  # noqa: S101 - the caller checked
+        session = self.sessions.get(request.session_id, owner)
+        if "language" in request.model_fields_set and request.language != session.language:
+            raise InvalidRequestError(
+                f"session {session.session_id} runs {session.language}, not {request.language}; leave language "
+                f"out (or send {session.language!r}), or call without session_id for another language."
+            )
+        if request.memory_mb is not None and request.memory_mb != session.limits.memory_mb:
+            raise InvalidRequestError(
+                "memory_mb cannot be changed on a call in a session: the session's memory limit "
+                f"({session.limits.memory_mb} MiB) holds for all its calls; leave memory_mb out (or send "
+                f"{session.limits.memory_mb}), or create a session with the memory you need."
+            )
+        if request.files:
+            raise InvalidRequestError(
+                "files cannot be given to a call in a session: pass them to create_session, or write them from "
+                "the session's code (the working directory keeps them from call to call)."
+            )
+        request = request.model_copy(update={"language": session.language})
+        audit.requested(request)
+        policy = self.policies[session.language]
+        timeout = limits_for(request, policy).timeout_seconds
+        code, stdin = check_payload(request, policy)
+        await self._wait_for_session(session)
+        try:
+            session = self.sessions.get(session.session_id, owner)  # it may have ended while this call waited
+            remaining = session.remaining()
+            if remaining <= 0:
+                await self._end_session(session, "lifetime")
+                self.sessions.get(session.session_id, owner)  # raises: it has ended, and says why
+            limits = session.limits.model_copy(update={"timeout_seconds": min(timeout, remaining)})
+            job = Job(audit.execution_id, self.runtimes[session.language], code, stdin, limits, on_output)
+            async with self.admission.slot():
+                audit.started(job)
+                session.running = True
+                session.calls += 1
+                self.sessions.touched()
+                try:
+                    outcome = await session.backend.execute(job)
+                except BaseException:
+                    with anyio.CancelScope(shield=True):
+                        await self._end_session(session, "cancelled")
+                    raise
+                finally:
+                    session.running = False
+                    session.last_used = time.monotonic()
+            session.add_usage(outcome.result.usage)
+            state = SessionState(
+                session_id=session.session_id,
+                call_index=session.calls,
+                state="kept" if outcome.ended is None else "ended",
+                ended_reason=outcome.ended,
+            )
+            result = outcome.result.model_copy(update={"session": state})
+            audit.finished(result)
+            if outcome.ended is not None:
+                await self._end_session(session, outcome.ended)
+            return result
+        finally:
+            session.lock.release()
+            self.sessions.touched()
+
+    async def _wait_for_session(self, session: Session) -> None:
+        """Take the session's turn (FIFO); a call waits as long as the running one may still take, and
+        the queue's own wait, then it is refused as busy."""
+        bound = session.limits.timeout_seconds
+        bound = max(bound, self.policies[session.language].max_timeout_seconds) + self.settings.max_queue_wait_seconds
+        with anyio.move_on_after(bound + self.settings.files_collect_seconds + 5):
+            await session.lock.acquire()
+            return
+        raise ServerBusyError(
+            f"session {session.session_id} is still busy with another call; calls of a session run one at a "
+            "time. Retry once it has returned."
+        )
+
+    async def _end_session(self, session: Session, why: str) -> None:
+        """Remove a session's sandbox and write its end record (once, whoever ends it)."""
+        if not self.sessions.remove(session, why):
+            return
+        with anyio.CancelScope(shield=True):
+            try:
+                usage = await session.backend.close()
+            except SandboxError:
+                usage = None
+        self._write_session_end(session, why, usage)
+
+    def _write_session_end(self, session: Session, why: str, usage: ResourceUsage | None) -> None:
+        self.audit.write(
+            "audit.session_ended",
+            session_id=session.session_id,
+            client=session.client,
+            language=session.language,
+            reason=why,
+            calls=session.calls,
+            seconds=round(time.monotonic() - session.created, 3),
+            usage=None if usage is None else usage.model_dump(),
+            calls_cpu_time_ms=round(session.cpu_time_ms, 3),
+        )
+
+    async def close_sessions_of(self, owner: str, why: str) -> None:
+        """End every session of ``owner`` now (its connection went away), running calls included."""
+        async with anyio.create_task_group() as tg:
+            for session in self.sessions.owned_by(owner):
+                tg.start_soon(self._end_session, session, why)
+
+    async def _end_sessions_on_time(self) -> None:
+        """Runs while the Sandbox is open: ends each session once it was idle too long or reached its
+        hard end. A session with a call running is left to that call (its timeout is clamped to the
+        hard end); it is looked at again when the call ends."""
+        while True:
+            for session, why in self.sessions.due(time.monotonic()):
+                if not session.lock.locked():
+                    await self._end_session(session, why)
+            await self.sessions.wait_for_change(self.sessions.next_due())
+
+    async def create_session(
+        self,
+        language: str = "python",
+        *,
+        memory_mb: int | None = None,
+        files: FilesArgument | None = None,
+        idle_timeout_seconds: float | None = None,
+        client: str | None = None,
+        owner: str | None = None,
+    ) -> CreatedSession:
+        """Open a session: one sandbox whose interpreter keeps its state from call to call. Pass its
+        ``session_id`` to `execute`; see `session` for the context-manager form."""
+        arguments: dict[str, Any] = {
+            "language": language,
+            "memory_mb": memory_mb,
+            "idle_timeout_seconds": idle_timeout_seconds,
+        }
+        uploads: list[UploadedFile] | None = None
+        if isinstance(files, Mapping):
+            uploads = python_uploads(files)
+        else:
+            arguments["files"] = None if files is None else [_entry(entry) for entry in files]
+        return await self.create_session_arguments(arguments, client=client, owner=owner, uploads=uploads)
+
+    async def create_session_arguments(
+        self,
+        arguments: Mapping[str, Any],
+        *,
+        client: str | None = None,
+        owner: str | None = None,
+        uploads: Sequence[UploadedFile] | None = None,
+    ) -> CreatedSession:
+        """`create_session` for raw tool arguments (the MCP adapter's path)."""
+        self._check_open()
+        owner = owner or self.local_owner
+        try:
+            request = validate_arguments(CreateSessionRequest, arguments)
+            policy = self.policies.get(request.language)
+            if policy is None:
+                raise UnknownLanguageError(request.language, self.languages)
+            limits = session_limits(policy, request.memory_mb)
+            idle = self._idle_timeout(request.idle_timeout_seconds)
+            files = check_files(request.files if uploads is None else uploads, policy, language=request.language)
+            self.sessions.reserve(owner)
+        except SandboxError as exc:
+            self.audit.write("audit.session_refused", client=client, reason=str(exc))
+            raise
+        session_id = new_session_id()
+        lifetime = self.settings.session_max_lifetime_seconds
+        try:
+            job = SessionJob(session_id, self.runtimes[request.language], limits, lifetime, files)
+            async with self.admission.slot():
+                backend_session = await self.backend.open_session(job)
+            session = Session(
+                session_id=session_id,
+                owner=owner,
+                client=client,
+                language=request.language,
+                limits=limits,
+                idle_timeout=idle,
+                backend=backend_session,
+                lifetime=lifetime,
+            )
+            self.sessions.add(session)
+        except BaseException as exc:
+            self.audit.write("audit.session_refused", client=client, language=request.language, reason=str(exc))
+            raise
+        finally:
+            self.sessions.release(owner)
+        self.audit.write(
+            "audit.session_created",
+            session_id=session_id,
+            client=client,
+            language=request.language,
+            runtime=backend_session.runtime_version,
+            limits=limits.model_dump(),
+            idle_timeout_seconds=idle,
+            lifetime_seconds=lifetime,
+            files_in=files_summary((upload.sha256, len(upload.data)) for upload in files),
+        )
+        return CreatedSession(
+            session_id=session_id,
+            language=request.language,
+            runtime=backend_session.runtime_version,
+            limits=limits,
+            idle_timeout_seconds=idle,
+            expires_at=session.expires_at,
+            files=[WrittenFile(path=u.path, size_bytes=len(u.data), sha256=u.sha256) for u in files],
+        )
+
+    def _idle_timeout(self, requested: float | None) -> float:
+        cap = self.settings.session_idle_timeout_seconds
+        if requested is None:
+            return cap
+        if requested > cap:
+            raise LimitAboveCapError("idle_timeout_seconds", requested, cap, "seconds")
+        return requested
+
+    async def close_session(self, session_id: str, *, owner: str | None = None) -> ClosedSession:
+        """End one of the caller's sessions (after its running call, if any) and remove its sandbox."""
+        return await self.close_session_arguments({"session_id": session_id}, owner=owner)
+
+    async def close_session_arguments(
+        self, arguments: Mapping[str, Any], *, owner: str | None = None, client: str | None = None
+    ) -> ClosedSession:
+        """`close_session` for raw tool arguments (the MCP adapter's path)."""
+        self._check_open()
+        del client  # the end record names the client that created the session
+        request = validate_arguments(CloseSessionRequest, arguments)
+        session = self.sessions.get(request.session_id, owner or self.local_owner)
+        await self._wait_for_session(session)
+        try:
+            usage = None
+            if self.sessions.remove(session, "closed"):
+                with anyio.CancelScope(shield=True):
+                    usage = await session.backend.close()
+                self._write_session_end(session, "closed", usage)
+        finally:
+            session.lock.release()
+        return ClosedSession(session_id=session.session_id, calls=session.calls, usage=usage)
+
+    def list_sessions(self, *, owner: str | None = None) -> SessionList:
+        """The caller's open sessions, oldest first."""
+        return SessionList(sessions=[s.summary() for s in self.sessions.owned_by(owner or self.local_owner)])
+
+    def session(
+        self,
+        language: str = "python",
+        *,
+        memory_mb: int | None = None,
+        files: FilesArgument | None = None,
+        idle_timeout_seconds: float | None = None,
+    ) -> SandboxSession:
+        """A session as an async context manager: created on entry, closed on exit::
+
+        async with sandbox.session(language="python") as session:
+            await session.execute("import pandas as pd\ndf = pd.DataFrame({'a': [1, 2]})")
+            result = await session.execute("df.a.sum()")  # result.return_value == "3"
+        """
+        return SandboxSession(self, language, memory_mb=memory_mb, files=files, idle_timeout=idle_timeout_seconds)
 
 
 FilesArgument = Mapping[str, bytes | str] | Sequence[InputFile | Mapping[str, Any]]
@@ -225,12 +538,77 @@ def _entry(entry: InputFile | Mapping[str, Any]) -> Any:  # noqa: ANN401 - valid
     return entry.model_dump() if isinstance(entry, InputFile) else entry
 
 
+class SandboxSession:
+    """A session of the Python API (`Sandbox.session`): created on entry, closed on exit."""
+
+    def __init__(
+        self,
+        sandbox: Sandbox,
+        language: str,
+        *,
+        memory_mb: int | None,
+        files: FilesArgument | None,
+        idle_timeout: float | None,
+    ) -> None:
+        self._sandbox = sandbox
+        self._arguments = (language, memory_mb, files, idle_timeout)
+        self.info: CreatedSession | None = None
+
+    @property
+    def session_id(self) -> str:
+        if self.info is None:
+            raise SandboxError("the session is not open; use `async with sandbox.session(...) as session:`.")
+        return self.info.session_id
+
+    async def __aenter__(self) -> Self:
+        language, memory_mb, files, idle = self._arguments
+        self.info = await self._sandbox.create_session(
+            language, memory_mb=memory_mb, files=files, idle_timeout_seconds=idle
+        )
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def execute(
+        self,
+        code: str,
+        *,
+        stdin: str | None = None,
+        timeout_seconds: float | None = None,
+        on_output: OutputCallback | None = None,
+    ) -> ExecutionResult:
+        """Run ``code`` in the session's interpreter; ``result.session.state`` says whether it lives on."""
+        return await self._sandbox.execute(
+            code, stdin=stdin, timeout_seconds=timeout_seconds, session_id=self.session_id, on_output=on_output
+        )
+
+    async def close(self) -> ClosedSession | None:
+        """End the session (nothing to do once it has ended); its totals, when it was still open."""
+        if self.info is None or not self._sandbox.sessions.is_open(self.info.session_id):
+            return None
+        with anyio.CancelScope(shield=True):
+            closed = await self._sandbox.close_session(self.info.session_id)
+        return closed  # noqa: RET504 - returned outside the shield, which mypy reads as a missing return
+
+
 def _language_named(call: ExecutionRequest | Mapping[str, Any]) -> str:
     """The language a call names, for its audit records, before its arguments are validated."""
     if isinstance(call, ExecutionRequest):
         return call.language
     language = call.get("language")
     return str(language) if language else "python"
+
+
+def _session_named(call: ExecutionRequest | Mapping[str, Any]) -> str | None:
+    """The session a call names, for its audit records, before its arguments are validated."""
+    value = call.session_id if isinstance(call, ExecutionRequest) else call.get("session_id")
+    return value[:80] if isinstance(value, str) else None
 
 
 def run_code(

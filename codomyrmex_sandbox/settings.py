@@ -193,6 +193,24 @@ class Settings(BaseSettings, LimitFields):
         "text files). For clients that turn the whole result into the model's text (google-genai, "
         "llama-index), where an image is only base64 the model cannot see.",
     )
+    max_sessions: Annotated[int, Field(ge=0, le=1024)] = Field(
+        default=8, description="Sessions open at once on this server; 0 turns sessions off."
+    )
+    max_sessions_per_client: Annotated[int, Field(ge=1, le=1024)] = Field(
+        default=4, description="Sessions one client (a stdio connection, an HTTP principal) may hold open at once."
+    )
+    session_idle_timeout_seconds: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = Field(
+        default=600.0,
+        description="A session ends after this long without a call; create_session may ask for less, never more.",
+    )
+    session_max_lifetime_seconds: Annotated[float, Field(gt=0, le=86_400, allow_inf_nan=False)] = Field(
+        default=3600.0, description="A session's hard end, counted from its creation, however busy it is."
+    )
+    session_pool_size: Annotated[int, Field(ge=0, le=64)] = Field(
+        default=1,
+        description="Sandboxes kept started for new sessions, per language, once that language's first session "
+        "was created (none before); 0 starts each session's sandbox on demand.",
+    )
     audit_log_path: Path | None = Field(
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
     )

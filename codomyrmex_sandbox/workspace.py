@@ -196,20 +196,27 @@ def _check_fits(uploads: Sequence[UploadedFile], scratch: int) -> None:
 
 
 def workspace_payload(
-    uploads: Sequence[UploadedFile], guard_nonce: str, limits: Limits, budget_seconds: float
+    uploads: Sequence[UploadedFile],
+    guard_nonce: str,
+    limits: Limits,
+    budget_seconds: float,
+    *,
+    session_lifetime_seconds: float | None = None,
 ) -> bytes:
-    """The init's header line and the files, which precede the runner's input on the lease."""
+    """The init's header line and the files, which precede the runner's input on the lease; with
+    ``session_lifetime_seconds``, the header that opens a session of that hard end."""
     files = protocol.files_section([(u.path.encode("utf-8"), u.data) for u in uploads])
-    header = protocol.workspace_header(
-        guard_nonce,
-        files,
-        max_returned=limits.output_files,
-        max_file_bytes=limits.output_file_bytes,
-        max_total_bytes=limits.output_files_bytes,
-        max_listed=MAX_LISTED,
-        budget_ms=max(1, round(budget_seconds * 1000)),
-    )
-    return header + files
+    bounds = {
+        "max_returned": limits.output_files,
+        "max_file_bytes": limits.output_file_bytes,
+        "max_total_bytes": limits.output_files_bytes,
+        "max_listed": MAX_LISTED,
+        "budget_ms": max(1, round(budget_seconds * 1000)),
+    }
+    if session_lifetime_seconds is None:
+        return protocol.workspace_header(guard_nonce, files, **bounds) + files
+    lifetime_ms = max(1, round(session_lifetime_seconds * 1000))
+    return protocol.session_header(guard_nonce, files, lifetime_ms=lifetime_ms, **bounds) + files
 
 
 def trailer_limit(max_file_bytes: int) -> int:
@@ -504,18 +511,18 @@ def _mime(path: str, content: bytes | None, *, is_text: bool | None = None) -> s
 def guard_trailers(
     guard_nonce: str,
     left: Mapping[str, bytes | None],
-    uploads: Sequence[UploadedFile],
+    before: Mapping[str, bytes | None],
     limits: Limits,
 ) -> list[bytes]:
     """The trailers the sandbox's init writes for a working directory holding ``left`` (path to
-    content; None for a link, fifo or device), after uploads ``uploads``: see seccomp_guard.c."""
-    uploaded = {u.path: u.data for u in uploads}
+    content; None for a link, fifo or device) that held ``before`` (the uploads, or what a session's
+    previous call left): see seccomp_guard.c."""
     budget = _Budget(limits.output_files, limits.output_file_bytes, limits.output_files_bytes)
     out: list[bytes] = []
     listed = unlisted = 0
     for path in sorted(left, key=lambda p: p.encode("utf-8")):
         content = left[path]
-        if content is not None and uploaded.get(path) == content:
+        if path in before and before[path] == content:
             continue
         if listed >= MAX_LISTED:
             unlisted += 1

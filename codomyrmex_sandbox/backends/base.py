@@ -15,7 +15,7 @@ from typing import Protocol
 import anyio.to_thread
 
 from codomyrmex_sandbox import protocol
-from codomyrmex_sandbox.models import ExecutionResult, Limits, ResourceUsage, Status
+from codomyrmex_sandbox.models import EndedReason, ExecutionResult, Limits, ResourceUsage, Status
 from codomyrmex_sandbox.output import OFF_LOOP_BYTES, OutputCallback, OutputCollector
 from codomyrmex_sandbox.protocol import HEADER_MAGIC, new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import RuntimeSpec
@@ -25,13 +25,17 @@ from codomyrmex_sandbox.workspace import UploadedFile, collect
 __all__ = [
     "HEADER_MAGIC",
     "Backend",
+    "BackendSession",
+    "CallOutcome",
     "Evidence",
     "Job",
     "RuntimeStatus",
+    "SessionJob",
     "build_result",
     "decide",
     "new_nonce",
     "runner_header",
+    "session_end",
 ]
 
 
@@ -46,6 +50,65 @@ class Job:
     limits: Limits
     on_output: OutputCallback | None = None
     files: tuple[UploadedFile, ...] = ()  # written into the working directory before the program starts
+
+
+@dataclass(frozen=True)
+class SessionJob:
+    """A session as a backend sees it: one sandbox, one interpreter, for many calls.
+
+    ``limits`` hold for the whole session (a call's ``Job`` may only change its timeout);
+    ``lifetime_seconds`` is its hard end, from now; ``files`` are written before its first call.
+    """
+
+    session_id: str
+    runtime: RuntimeSpec
+    limits: Limits
+    lifetime_seconds: float
+    files: tuple[UploadedFile, ...] = ()
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """One session call's result, and why the session ended with it (None: it is kept)."""
+
+    result: ExecutionResult
+    ended: EndedReason | None
+
+
+class BackendSession(Protocol):
+    """An open session in a backend. Calls must not overlap (the service runs them one at a time).
+
+    ``execute`` returns the call's result and whether the interpreter survived it. Anything but a
+    call the interpreter survived (a timeout, a memory or output limit, the interpreter's death or
+    exit, a cancellation) ends the session: its sandbox is killed and removed, and later calls
+    raise `SessionNotFoundError`. ``close`` kills and removes it (it may be called at any time, twice
+    too) and returns the whole session's usage where the kernel's accounting is readable.
+    """
+
+    runtime_version: str
+
+    @property
+    def alive(self) -> bool: ...
+
+    async def execute(self, job: Job) -> CallOutcome: ...
+
+    async def close(self) -> ResourceUsage | None: ...
+
+
+def session_end(result: ExecutionResult, done: int | None, exited: int | None) -> EndedReason | None:
+    """Why a session call ended its session, from its status and the runner's word (``done``: the
+    interpreter survived the call; ``exited``: the program left it); None when the session is kept."""
+    if result.status is Status.TIMEOUT:
+        return "timeout"
+    if result.status is Status.MEMORY_LIMIT:
+        return "memory_limit"
+    if result.status is Status.OUTPUT_LIMIT:
+        return "output_limit"
+    if done is not None and result.status in (Status.SUCCESS, Status.ERROR):
+        return None
+    if exited is not None and result.status in (Status.SUCCESS, Status.ERROR):
+        return "exit"
+    return "killed"
 
 
 @dataclass(frozen=True)
@@ -82,6 +145,11 @@ class Backend(Protocol):
 
     async def maintain(self) -> None:
         """Background upkeep while open (e.g. reaping sandboxes whose kill was lost); runs until cancelled."""
+        ...
+
+    async def open_session(self, job: SessionJob) -> BackendSession:
+        """Start a session's sandbox, write its files, and return once its interpreter waits for the
+        first call; raises a `SandboxError` when it cannot. Cancelled, it leaves nothing behind."""
         ...
 
 
@@ -150,7 +218,8 @@ async def build_result(
     ``workspace`` says the sandbox's init reported the files the program left (the collector then
     knows its nonce): a result without that report says its files are incomplete.
     """
-    status, exit_code, signal = decide(evidence, collector.reported_exit())
+    reported = collector.reported_exit()
+    status, exit_code, signal = decide(evidence, collector.reported_done() if reported is None else reported)
     entries = (collector.entries(protocol.FILE), collector.entries(protocol.FIGURE))
     gather = partial(collect, *entries, collector.trailers.get(protocol.FILES_END), job.limits, expected=workspace)
     # Decoding and hashing megabytes of content is work for a worker thread, not the event loop.

@@ -25,9 +25,17 @@ from dataclasses import dataclass, field
 import anyio
 
 from codomyrmex_sandbox import protocol
-from codomyrmex_sandbox.backends.base import Evidence, Job, RuntimeStatus, build_result
-from codomyrmex_sandbox.errors import RuntimeUnavailableError
-from codomyrmex_sandbox.models import ExecutionResult
+from codomyrmex_sandbox.backends.base import (
+    CallOutcome,
+    Evidence,
+    Job,
+    RuntimeStatus,
+    SessionJob,
+    build_result,
+    session_end,
+)
+from codomyrmex_sandbox.errors import RuntimeUnavailableError, SessionNotFoundError
+from codomyrmex_sandbox.models import ExecutionResult, ResourceUsage
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import RuntimeSpec
 from codomyrmex_sandbox.workspace import entry_room, figure_trailer, guard_trailers, trailer_limit
@@ -47,6 +55,11 @@ class FakeRun:
     # device. It starts with the uploads; the init reports what differs from them.
     workspace: dict[str, bytes | None] = field(default_factory=dict)
     figures: list[bytes] = field(default_factory=list)  # PNGs the program showed, in order
+    # A session's call: what the session keeps from call to call (the handler's to use), and
+    # whether the program leaves the interpreter (exit()), which ends the session.
+    state: dict[str, object] = field(default_factory=dict)
+    session: bool = False
+    exit_interpreter: bool = False
 
     def __post_init__(self) -> None:
         self.workspace.update({upload.path: upload.data for upload in self.job.files})
@@ -90,6 +103,7 @@ class FakeBackend:
         self.opened = False
         self.closed = False
         self._plays: set[anyio.CancelScope] = set()  # the programs playing now
+        self.sessions: list[SessionJob] = []  # every session it opened
 
     async def open(self) -> None:
         self.opened = True
@@ -109,9 +123,25 @@ class FakeBackend:
         return RuntimeStatus(runtime.name, ready=True, version=f"{runtime.name} (fake)", detail="fake")
 
     async def execute(self, job: Job) -> ExecutionResult:
+        result, _, _ = await self._play(job)
+        return result
+
+    async def open_session(self, job: SessionJob) -> FakeSession:
+        """A session whose calls are played by the same handler, each with the session's `FakeRun.state`."""
+        if job.runtime.name in self._missing:
+            raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
+        self.sessions.append(job)
+        workspace: dict[str, bytes | None] = {upload.path: upload.data for upload in job.files}
+        return FakeSession(self, f"{job.runtime.name} (fake)", workspace)
+
+    async def _play(
+        self, job: Job, *, state: dict[str, object] | None = None, workspace: dict[str, bytes | None] | None = None
+    ) -> tuple[ExecutionResult, FakeRun, OutputCollector]:
+        """Play one program (or one session call, with the session's ``state`` and ``workspace``)."""
         if job.runtime.name in self._missing:
             raise RuntimeUnavailableError(f"the {job.runtime.name} runtime is not ready (fake).")
         self.jobs.append(dataclasses.replace(job, on_output=None))  # the callback would keep its caller alive
+        session = state is not None
         nonce, guard_nonce = protocol.new_nonce(), protocol.new_nonce()
         collector = OutputCollector(
             job.limits.output_bytes,
@@ -120,8 +150,15 @@ class FakeBackend:
             guard_nonce=guard_nonce,
             max_entry_trailer=trailer_limit(job.limits.output_file_bytes),
             max_entry_bytes=entry_room(job.limits),
+            session=session,
         )
-        run = FakeRun(job, collector)
+        run = FakeRun(job, collector, state=state if state is not None else {}, session=session)
+        before: dict[str, bytes | None] = {}
+        if workspace is not None:  # a session call starts from the files the previous one left
+            run.workspace = workspace
+            before = dict(workspace)
+        else:
+            before = {upload.path: upload.data for upload in job.files}
         started = time.monotonic()
         exit_code: int | None = None
         self.running += 1
@@ -147,9 +184,10 @@ class FakeBackend:
         if exit_code is not None and run.signal_exit is None:  # the program ended by itself: the runner reports
             for png in run.figures:
                 await collector.feed("stdout", figure_trailer(nonce, png))
-            await _report(collector, nonce, exit_code, run.return_value)
+            key = protocol.DONE if session and not run.exit_interpreter else protocol.EXIT
+            await _report(collector, nonce, exit_code, run.return_value, key)
         if exit_code is not None:  # the init reports the files once the program is over, however it ended
-            trailers = guard_trailers(guard_nonce, run.workspace, job.files, job.limits)
+            trailers = guard_trailers(guard_nonce, run.workspace, before, job.limits)
             for trailer in trailers:
                 await collector.feed("stdout", trailer)
             await collector.feed("stderr", trailers[-1])  # the report's end, on stderr too
@@ -164,14 +202,56 @@ class FakeBackend:
         )
         version = f"{job.runtime.name} (fake)"
         duration = (time.monotonic() - started) * 1000
-        return await build_result(job, collector, evidence, duration, version, workspace=True)
+        result = await build_result(job, collector, evidence, duration, version, workspace=True)
+        return result, run, collector
 
 
-async def _report(collector: OutputCollector, nonce: str, exit_code: int, return_value: str | None) -> None:
-    """What a runner writes once the program exited: the return value on success, then the exit status."""
+class FakeSession:
+    """A session of the fake backend: the handler plays each call; `FakeRun.state` is what it keeps."""
+
+    def __init__(self, backend: FakeBackend, runtime_version: str, workspace: dict[str, bytes | None]) -> None:
+        self.runtime_version = runtime_version
+        self.state: dict[str, object] = {}
+        self.calls = 0
+        self._backend = backend
+        self._workspace = workspace
+        self._ended = False
+
+    @property
+    def alive(self) -> bool:
+        return not self._ended
+
+    async def execute(self, job: Job) -> CallOutcome:
+        if self._ended:
+            raise SessionNotFoundError("the session has ended; create a new one with create_session.")
+        self.calls += 1
+        try:
+            result, _, collector = await self._backend._play(job, state=self.state, workspace=self._workspace)  # noqa: SLF001
+        except BaseException:
+            self._ended = True
+            raise
+        ended = session_end(result, collector.reported_done(), collector.reported_exit())
+        if ended is not None:
+            self._ended = True
+        return CallOutcome(result, ended)
+
+    async def close(self) -> ResourceUsage | None:
+        self._ended = True
+        return None
+
+
+async def _report(
+    collector: OutputCollector,
+    nonce: str,
+    exit_code: int,
+    return_value: str | None,
+    key: protocol.TrailerKey = protocol.EXIT,
+) -> None:
+    """What a runner writes once the program exited (or a session's call ended, ``key`` done): the
+    return value on success, then the status."""
     if return_value is not None and exit_code == 0:
         rv = protocol.encode_return_value(return_value)
         await collector.feed("stdout", protocol.trailer(nonce, protocol.RETURN_VALUE, rv))
     status = protocol.encode_exit(exit_code)
     for stream in ("stdout", "stderr"):
-        await collector.feed(stream, protocol.trailer(nonce, protocol.EXIT, status))
+        await collector.feed(stream, protocol.trailer(nonce, key, status))

@@ -166,7 +166,7 @@ async def test_egress_sandboxes_have_no_ipv6_and_the_tool_says_its_world_is_open
         tools = await server.client.list_tools()
         result = await server.run("print(open('/proc/net/if_inet6').read() == '')", timeout_seconds=10)
 
-    (tool,) = tools.tools
+    tool = next(t for t in tools.tools if t.name == "execute_code")
     assert tool.annotations is not None
     assert tool.annotations.open_world_hint is True
     assert "outbound internet access" in (tool.description or "")

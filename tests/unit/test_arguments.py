@@ -171,4 +171,5 @@ async def test_the_python_api_takes_the_same_lenient_forms():
         "timeout_seconds": None,
         "memory_mb": 64,
         "files": None,
+        "session_id": None,
     }

@@ -33,7 +33,7 @@ async def connected() -> AsyncIterator[Client]:
 
 async def test_the_tool_schema_shows_the_bounds_and_forbids_unknown_arguments():
     async with connected() as client:
-        (tool,) = (await client.list_tools()).tools
+        tool = next(t for t in (await client.list_tools()).tools if t.name == "execute_code")
         assert tool.name == "execute_code"
         schema = tool.input_schema
         # No additionalProperties (a client converter fails on it): the server refuses unknown arguments itself.
@@ -166,7 +166,7 @@ async def test_an_unknown_tool_is_a_protocol_error():
 async def test_the_tool_says_its_world_is_open_only_when_egress_is_granted():
     settings = Settings.load(backend="fake", language_limits={"python": {"network": "egress"}})
     async with Sandbox(settings, backend=FakeBackend(greets)) as sandbox, Client(build_server(sandbox)) as client:
-        (tool,) = (await client.list_tools()).tools
+        tool = next(t for t in (await client.list_tools()).tools if t.name == "execute_code")
     assert tool.annotations is not None
     assert tool.annotations.open_world_hint is True
     assert "outbound internet access for python" in (tool.description or "")

@@ -12,7 +12,14 @@ from pydantic import BaseModel, Field
 
 from codomyrmex_sandbox import FakeBackend, Sandbox, Settings
 from codomyrmex_sandbox.errors import SandboxError
-from codomyrmex_sandbox.models import LENIENT_INT, ToolArguments, request_from_arguments
+from codomyrmex_sandbox.models import (
+    LENIENT_INT,
+    CloseSessionRequest,
+    CreateSessionRequest,
+    ListSessionsRequest,
+    ToolArguments,
+    request_from_arguments,
+)
 from codomyrmex_sandbox.schema import flat_schema, input_schema, portable_schema_problems
 from codomyrmex_sandbox.server import build_server
 
@@ -80,6 +87,14 @@ EXPECTED: dict[str, Any] = {
             "(decoded). Default none. Files the program creates or changes there come back in the result's "
             "files, and Python's matplotlib figures in its figures.",
         },
+        "session_id": {
+            "type": "string",
+            "maxLength": 64,
+            "description": "Run in this session (from create_session), whose interpreter keeps variables, imports, "
+            "functions, the current directory and files from call to call. Default none: a fresh sandbox that "
+            "keeps nothing. With a session, language may be left out, memory_mb is the session's (leave it out), "
+            "and timeout_seconds applies to this call alone.",
+        },
     },
     "required": ["code"],
 }
@@ -93,6 +108,22 @@ def test_the_generated_schema_for_default_settings():
     generated = input_schema(sandbox_with())
     # Sorted keys: the same keywords with the same values, and numbers of the same JSON type (300.0, not 300).
     assert json.dumps(generated, sort_keys=True) == json.dumps(EXPECTED, sort_keys=True)
+
+
+def test_without_sessions_execute_code_has_no_session_id():
+    assert "session_id" not in input_schema(sandbox_with(max_sessions=0))["properties"]
+
+
+def test_the_session_tools_schemas_are_portable_and_carry_the_caps():
+    sandbox = sandbox_with(session_idle_timeout_seconds=120)
+    create = input_schema(sandbox, CreateSessionRequest)
+    assert portable_schema_problems(create) == []
+    assert create["properties"]["idle_timeout_seconds"]["maximum"] == 120
+    assert "default 120 s" in create["properties"]["idle_timeout_seconds"]["description"]
+    assert create["properties"]["language"]["enum"] == sandbox.languages
+    close = input_schema(sandbox, CloseSessionRequest)
+    assert close["required"] == ["session_id"] and portable_schema_problems(close) == []
+    assert input_schema(sandbox, ListSessionsRequest) == {"type": "object", "properties": {}}
 
 
 def test_the_schema_shows_the_largest_cap_across_languages_and_the_default_languages_defaults():

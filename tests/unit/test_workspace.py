@@ -342,7 +342,7 @@ def test_the_workspace_header_and_files_are_what_the_init_reads() -> None:
 
 def test_the_reference_rules_skip_unchanged_uploads() -> None:
     uploads = [UploadedFile("same", b"1"), UploadedFile("edited", b"1")]
-    trailers = guard_trailers("f" * 32, {"same": b"1", "edited": b"2"}, uploads, LIMITS)
+    trailers = guard_trailers("f" * 32, {"same": b"1", "edited": b"2"}, {u.path: u.data for u in uploads}, LIMITS)
     assert len(trailers) == 2  # one entry, one end
 
 

@@ -19,9 +19,10 @@ from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
 import anyio
+import anyio.abc
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from codomyrmex_sandbox.backends.base import Job, RuntimeStatus, build_result
+from codomyrmex_sandbox.backends.base import Job, RuntimeStatus, SessionJob, build_result
 from codomyrmex_sandbox.backends.docker import execution
 from codomyrmex_sandbox.backends.docker.cgroups import CgroupAccounting, accounting_for
 from codomyrmex_sandbox.backends.docker.connection import EngineConnection
@@ -30,13 +31,20 @@ from codomyrmex_sandbox.backends.docker.engine import FIX_IMAGES, Engine, connec
 from codomyrmex_sandbox.backends.docker.evidence import with_usage
 from codomyrmex_sandbox.backends.docker.execution import Box
 from codomyrmex_sandbox.backends.docker.identity import MAX_ATTEMPTS, UidRange
-from codomyrmex_sandbox.backends.docker.labels import POOL_EXECUTION, Owner, sandbox_labels, sweep_orphans
+from codomyrmex_sandbox.backends.docker.labels import (
+    POOL_EXECUTION,
+    SESSION_EXECUTION,
+    Owner,
+    sandbox_labels,
+    sweep_orphans,
+)
 from codomyrmex_sandbox.backends.docker.pool import WarmPool
+from codomyrmex_sandbox.backends.docker.session import DockerSession, SessionParts
 from codomyrmex_sandbox.backends.docker.spec import container_spec, self_destruct_seconds
 from codomyrmex_sandbox.errors import BackendError, EngineUnavailableError, RuntimeUnavailableError, SandboxError
 from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.models import MIB, ExecutionRequest, ExecutionResult, Limits
-from codomyrmex_sandbox.output import OutputCollector
+from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.policy import default_limits
 from codomyrmex_sandbox.protocol import new_nonce, runner_header
 from codomyrmex_sandbox.runtimes import VERSION_LABEL, RuntimeSpec
@@ -48,6 +56,8 @@ DEFAULT_LANGUAGE: str = ExecutionRequest.model_fields["language"].default  # wha
 RECONNECT_INTERVAL_SECONDS = 1.0  # how often upkeep tries the engine again while it is away
 # Beyond the init's own time bound on looking at the files: time to carry its report over.
 COLLECT_SLACK_SECONDS = 5.0
+# A session's output waits in a stream of this many chunks between calls; then its writers block.
+SESSION_BUFFERED_CHUNKS = 16
 
 
 class DockerBackend:
@@ -83,6 +93,21 @@ class DockerBackend:
         # Lazily filled (see pool.py): a server started for one call starts one sandbox, for the
         # default language, at once; the rest after a call of their language, or a quiet period.
         sizes = dict.fromkeys(runtimes, settings.pool_size)
+        # Sessions' sandboxes live long (their self-destruct covers a session's whole lifetime), so
+        # they have a pool of their own, which starts nothing until a language's first session.
+        self._session_lifetime = settings.pool_max_age_seconds + settings.session_max_lifetime_seconds
+        self.session_pool: WarmPool[Box] | None = (
+            WarmPool(
+                dict.fromkeys(runtimes, settings.session_pool_size),
+                settings.pool_max_age_seconds,
+                self._prepare_session_member,
+                self._discard,
+                idle_start=math.inf,
+            )
+            if settings.session_pool_size > 0 and settings.max_sessions > 0
+            else None
+        )
+        self._tasks: anyio.abc.TaskGroup | None = None  # upkeep's: each session's reader runs there
         self.pool: WarmPool[Box] | None = (
             WarmPool(
                 sizes,
@@ -121,13 +146,15 @@ class DockerBackend:
         async with anyio.create_task_group() as tg:
             if self.pool is not None:
                 tg.start_soon(_supervised, "pool", self.pool.run)
+            if self.session_pool is not None:
+                tg.start_soon(_supervised, "session pool", self.session_pool.run)
             tg.start_soon(_supervised, "reaper", self._reap)
             tg.start_soon(_supervised, "janitor", partial(self._clean_up, receive))
-            self._janitor = send
+            self._janitor, self._tasks = send, tg
             try:
                 await anyio.sleep_forever()
             finally:
-                self._janitor = None
+                self._janitor = self._tasks = None
 
     async def aclose(self) -> None:
         """Kill and remove every container this backend started (pool members too), concurrently.
@@ -138,6 +165,8 @@ class DockerBackend:
         with anyio.CancelScope(shield=True):
             if self.pool is not None:
                 await self.pool.aclose()
+            if self.session_pool is not None:
+                await self.session_pool.aclose()
             async with anyio.create_task_group() as tg:
                 for cid in list(self._live):
                     tg.start_soon(self._remove_quietly, cid)
@@ -183,7 +212,7 @@ class DockerBackend:
         )
         box: Box | None = None
         try:
-            box = await self._take_warm(job)
+            box = await self._take_warm(self.pool, job.runtime.name, job.limits.memory_mb)
             warm = box is not None
             if box is None:
                 box = await self._prepare(
@@ -211,6 +240,60 @@ class DockerBackend:
         evidence, usage = with_usage(evidence, usage, collector.reported_exit(), job.limits.memory_mb * MIB)
         return await build_result(job, collector, evidence, duration_ms, version, usage=usage, workspace=True)
 
+    # -- sessions --------------------------------------------------------------------------
+
+    async def open_session(self, job: SessionJob) -> DockerSession:
+        """A session's sandbox, its files written and its interpreter waiting for the first call.
+
+        A warm member of the session pool when one is idle (its memory limit changed in place if
+        the session asks for another), else a sandbox started now; its self-destruct is lowered
+        to the session's hard end by the opening frame. The session's reader runs in upkeep's task
+        group, for as long as the sandbox lives.
+        """
+        tasks = self._tasks
+        if tasks is None:
+            raise BackendError("sessions need an open backend; use `async with Sandbox(...)`.")
+        version = await self._version_of(job.runtime)
+        box: Box | None = None
+        try:
+            box = await self._take_warm(self.session_pool, job.runtime.name, job.limits.memory_mb)
+            if box is None:
+                lifetime = job.lifetime_seconds
+                box = await self._prepare(job.runtime, job.limits, lifetime=lifetime, label=SESSION_EXECUTION)
+            get_logger(LOGGER).info("session_sandbox_assigned", session_id=job.session_id, container_id=box.cid)
+            send, receive = anyio.create_memory_object_stream[tuple[StreamName, bytes]](SESSION_BUFFERED_CHUNKS)
+            attachment = box.attachment
+            if attachment is None:
+                raise BackendError("the sandbox was not attached; this is a bug, please report it.")
+            tasks.start_soon(partial(self._connection.thread, partial(attachment.read_frames, send), abandon=True))
+            session = DockerSession(self._session_parts(), box, receive, job.limits, version)
+            box = None  # the session owns it now: it removes it on every way out
+            lifetime = job.lifetime_seconds + self._settings.kill_grace_seconds
+            await session.open(job.files, lifetime, execution_id=job.session_id)
+            return session
+        finally:
+            if box is not None:
+                await self._discard_soon(box)
+            if self.session_pool is not None:
+                self.session_pool.replenish(job.runtime.name)
+
+    def _session_parts(self) -> SessionParts:
+        budget = self._settings.files_collect_seconds
+        return SessionParts(
+            connection=self._connection,
+            accounting=self._accounting,
+            collect_seconds=budget + COLLECT_SLACK_SECONDS,
+            budget_seconds=budget,
+            discard=self._discard_soon,
+        )
+
+    async def _prepare_session_member(self, language: str) -> Box:
+        """A session pool member: default limits, and a self-destruct that covers its idle age and a session."""
+        runtime = self._runtimes[language]
+        await self._version_of(runtime)
+        limits = self._pool_limits[language]
+        return await self._prepare(runtime, limits, lifetime=self._session_lifetime, label=POOL_EXECUTION)
+
     async def _version_of(self, runtime: RuntimeSpec) -> str:
         version = self._versions.get(runtime.name)
         if version is None:
@@ -220,25 +303,25 @@ class DockerBackend:
             version = status.version or runtime.name
         return version
 
-    async def _take_warm(self, job: Job) -> Box | None:
-        """A live pool member fitted to this job's limits, or None for a cold start."""
-        box = None if self.pool is None else await self.pool.take(job.runtime.name)
+    async def _take_warm(self, pool: WarmPool[Box] | None, language: str, memory_mb: int) -> Box | None:
+        """A live member of ``pool`` fitted to ``memory_mb``, or None for a cold start."""
+        box = None if pool is None else await pool.take(language)
         while box is not None and not box.waiting_for_code():
             # It died while idle (an engine restart, its deadline): never hand code to it.
             get_logger(LOGGER).warning("pool_member_dead", container_id=box.cid)
             await self._discard_soon(box)
-            box = None if self.pool is None else await self.pool.take(job.runtime.name)
-        if box is None or box.memory_mb == job.limits.memory_mb:
+            box = None if pool is None else await pool.take(language)
+        if box is None or box.memory_mb == memory_mb:
             return box
         try:  # the engine changes a running container's memory limit in place
-            await self._connection.use(Engine.set_memory, box.cid, job.limits.memory_mb * MIB)
+            await self._connection.use(Engine.set_memory, box.cid, memory_mb * MIB)
         except SandboxError:
             await self._discard(box)
             return None
         except BaseException:  # cancelled meanwhile: the member is ours, so it goes now
             await self._discard(box)
             raise
-        return dataclasses.replace(box, memory_mb=job.limits.memory_mb)
+        return dataclasses.replace(box, memory_mb=memory_mb)
 
     async def _prepare_warm(self, language: str) -> Box:
         """A pool member: default limits, and a self-destruct that covers its idle age and any timeout."""

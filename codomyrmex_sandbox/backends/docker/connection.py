@@ -47,9 +47,13 @@ class EngineConnection:
             raise EngineUnavailableError(f"the Docker engine is not connected; {FIX_ENGINE}.")
         return self.engine
 
-    async def thread(self, func: Callable[[], None]) -> None:
-        """Run blocking work that is not an engine call (a socket's reader or writer) in a worker thread."""
-        await anyio.to_thread.run_sync(func, limiter=self._threads)
+    async def thread(self, func: Callable[[], None], *, abandon: bool = False) -> None:
+        """Run blocking work that is not an engine call (a socket's reader or writer) in a worker thread.
+
+        ``abandon``: when the task is cancelled, return at once and let the thread end by itself (a
+        session's reader, which ends when its sandbox's stream is hung up, whenever that is).
+        """
+        await anyio.to_thread.run_sync(func, limiter=self._threads, abandon_on_cancel=abandon)
 
     async def call(self, func: Callable[..., T], *args: Any) -> T:  # noqa: ANN401
         """Run one blocking call in a worker thread; one that finds the engine gone drops the engine."""

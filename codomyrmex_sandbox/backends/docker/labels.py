@@ -27,6 +27,7 @@ LABEL_HOST = f"{LABEL_PREFIX}.owner-host"
 LABEL_PID = f"{LABEL_PREFIX}.owner-pid"
 LABEL_UID = f"{LABEL_PREFIX}.uid"
 POOL_EXECUTION = "pool"  # the execution label of a warm pool member, not yet handed out
+SESSION_EXECUTION = "session"  # the execution label of a session's sandbox started for it
 
 
 @dataclass(frozen=True)
