@@ -20,17 +20,29 @@
  * simply executes PROGRAM (no fork, no deadline).
  *
  * With --lease as well, the container's stdin is the server's lease on the sandbox, and the init
- * keeps it for itself. The server writes one frame on it: the length of the body in decimal and a
- * newline, then the body: a header line (the guard's nonce, the size of the files section, the
- * collection's limits), the files section (the workspace's input files, which the init writes
- * under /sandbox), then PROGRAM's input, which the init passes to PROGRAM through a pipe (PROGRAM's
- * stdin, which then reads EOF); the server then holds the stream open for as long as it wants the
- * sandbox. When the stream ends, at any point, the server is done with the sandbox or gone
- * (killed outright, its host connection lost): the init kills every process in the container and
- * exits 137 at once, so that nothing outlives its server by more than the engine's teardown, even
- * if no server ever starts again. A malformed frame ends the sandbox the same way (exit 126). When
- * PROGRAM ends, the init kills everything else and writes the workspace's new and changed files on
- * the container's stdout, framed with the nonce (see collect()), before it exits.
+ * keeps it for itself. The server writes frames on it, each the length of the body in decimal and a
+ * newline, then the body; the first frame's header line decides the sandbox's mode for its whole
+ * life (see struct lease):
+ *
+ * - One-shot (CODOMYRMEX-WS1): one frame: a header line (the guard's nonce, the size of the files
+ *   section, the collection's limits), the files section (the workspace's input files, which the
+ *   init writes under /sandbox), then PROGRAM's input, which the init passes to PROGRAM through a
+ *   pipe (PROGRAM's stdin, which then reads EOF); the server then holds the stream open for as long
+ *   as it wants the sandbox. When PROGRAM ends, the init kills everything else and writes the
+ *   workspace's new and changed files on the container's stdout, framed with the nonce (see
+ *   collect()), before it exits.
+ * - Session (CODOMYRMEX-SS1): the same first frame with one more field, the session's lifetime,
+ *   which lowers the deadline; PROGRAM (a runner that keeps one interpreter) gets its input through
+ *   the same pipe, which is never closed; then one frame per call (CODOMYRMEX-SC1, a fresh nonce
+ *   and the call's runner input), appended to the pipe. When PROGRAM has finished a call it sends
+ *   signal 40 to the init, which then reports, without killing anything, the files that are new or
+ *   changed since the previous report (see report_call()); when PROGRAM ends, the init ends the
+ *   sandbox as one-shot does if a call was under way, at once otherwise.
+ *
+ * When the stream ends, at any point, the server is done with the sandbox or gone (killed
+ * outright, its host connection lost): the init kills every process in the container and exits
+ * 137 at once, so that nothing outlives its server by more than the engine's teardown, even if no
+ * server ever starts again. A malformed frame ends the sandbox the same way (exit 126).
  *
  * The denied calls are the kernel interfaces that untrusted code has no use for and that keep
  * turning up in container escapes: mounting and namespaces, other processes' memory, eBPF,
@@ -138,6 +150,10 @@ static const char *const not_on_init[] = {
 
 /* Signals the init passes on to PROGRAM (the ones an engine or a terminal sends to stop it). */
 static const int forwarded[] = {SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1, SIGUSR2, SIGWINCH};
+
+/* The signal with which a session's PROGRAM asks for its call's report: the raw kernel number, which
+ * glibc calls SIGRTMIN+6 (its own SIGRTMIN is 34). Never forwarded. */
+#define REPORT_SIGNAL 40
 
 static void fail(const char *format, ...) {
     va_list args;
@@ -402,34 +418,59 @@ static int exit_status(int status) {
  * - With --lease it also relays PROGRAM's input and watches the lease (see struct lease): it reads
  *   the container's stdin, which no other process holds, whole and at once, and writes to PROGRAM's
  *   stdin pipe without ever blocking; a PROGRAM that never reads its stdin stops only the relay.
+ * - In a session, signal 40 from PROGRAM asks for a call's report (see report_call()). It is read
+ *   from the signalfd like every other signal, never forwarded, and believed only when the kernel
+ *   filled in its sender (kill() or tgkill(), which give the true pid), so that no other process
+ *   can pass for PROGRAM; the report is bounded in time and watches the lease and the deadline as it
+ *   goes, so that the init is never kept from either for longer than a moment.
  *
  * At the deadline, or when the lease ends, it sends SIGKILL to every process of the namespace
  * (stopped ones included) and exits 137; its exit makes the kernel kill anything forked in
  * between, and the container ends. Two processes in all: this one and PROGRAM.
  */
 /*
- * The lease (--lease): the container's stdin, held by the init alone. It carries one frame, the
- * length of the body in decimal and a newline, then the body; then nothing, until it ends. Any end
- * of it ends the sandbox. The body is read in whole as it arrives, whether or not PROGRAM reads its
- * stdin: a full pipe anywhere between the server and the init would hold back the end of the
- * stream behind it (the engine's copier blocks on it), so the lease is never left unread. The body
- * is, byte for byte:
+ * The lease (--lease): the container's stdin, held by the init alone. It carries frames, each the
+ * length of the body in decimal and a newline, then the body. Any end of it ends the sandbox. The
+ * body is read in whole as it arrives, whether or not PROGRAM reads its stdin: a full pipe anywhere
+ * between the server and the init would hold back the end of the stream behind it (the engine's
+ * copier blocks on it), so the lease is never left unread. The first body is, byte for byte, one of:
  *
  *     CODOMYRMEX-WS1 <nonce> <files length> <max returned> <max file bytes> <max total bytes> <max listed> <budget ms>\n
+ *     CODOMYRMEX-SS1 <nonce> <the same six numbers> <lifetime ms>\n
  *     <files section: <files length> bytes, entries "<path length> <content length>\n<path><content>">
  *     <PROGRAM's input: the rest>
  *
  * Once the header and the files section have arrived, the files are written under /sandbox, and
  * only then is PROGRAM's input relayed to its stdin pipe, from memory, without ever blocking (so
- * the files exist before the code even reaches the runner). The header and the files stay in
- * memory until the end: the collection compares the workspace against them.
+ * the files exist before the code even reaches the runner).
+ *
+ * WS1 (one-shot): the only frame; a byte after it is a malformed lease (once the collection is
+ * written, bytes are only read and dropped until the hang-up). PROGRAM's stdin pipe is closed once
+ * it has its input (it reads EOF). The header and the files stay in memory until the end: the
+ * collection compares the workspace against them.
+ *
+ * SS1 (a session): the init lowers its deadline to now + <lifetime ms> (never raises it), and
+ * remembers the files it wrote as the first snapshot (see struct snapshot) before it relays
+ * PROGRAM's input; that pipe is never closed. The first frame is call 0; every later frame is one
+ * call, its body, byte for byte:
+ *
+ *     CODOMYRMEX-SC1 <nonce>\n<PROGRAM's input: the rest>
+ *
+ * with a nonce of its own, under which that call is reported; its input is appended to the pipe.
+ * A call is pending from when its frame has arrived whole until it is reported; the server sends a
+ * frame only once it has read the previous call's report, so a frame that begins while a call is
+ * pending is a malformed lease, as are a later frame that is not SC1 and an SC1 frame as the first.
+ * A frame is freed once PROGRAM has had it all; only its nonce is kept.
  */
 #define MAX_HEADER_LINE 512  /* bytes, the newline included */
 #define MAX_NUMBER_DIGITS 19 /* a decimal that fits in int64_t (checked for overflow too) */
 #define NONCE_DIGITS 32
 #define MAX_PATH_BYTES 1024
 #define MAX_COMPONENT_BYTES 255
-static const char header_magic[] = "CODOMYRMEX-WS1 ";
+static const char one_shot_magic[] = "CODOMYRMEX-WS1 ";
+static const char session_magic[] = "CODOMYRMEX-SS1 ";
+static const char call_magic[] = "CODOMYRMEX-SC1 ";
+#define MAGIC_BYTES (sizeof one_shot_magic - 1) /* the three have the same length */
 
 struct lease {
     int fd;              /* the container's stdin, or -1 without --lease */
@@ -438,12 +479,16 @@ struct lease {
     int64_t digits_value;
     int digits;
     char *body;          /* the first ``kept`` bytes of the body */
-    int64_t kept;        /* the body's length, then only the header and files once PROGRAM has its input */
+    int64_t kept;        /* the body's length, then only the header and files once PROGRAM has its input
+                          * (one-shot), or nothing (a session: the body is freed) */
     int64_t received;    /* how much of the body has arrived */
     int64_t files_start; /* where the files section starts (past the header line); 0 until it is parsed */
     int64_t files_end;   /* where PROGRAM's input starts */
-    bool files_written;  /* the files are under /sandbox: PROGRAM's input may be relayed */
+    bool files_written;  /* the files are under /sandbox (a call frame has none): the input may be relayed */
     int64_t relayed;     /* the offset in the body up to which PROGRAM was given its input */
+    bool session;        /* the first frame was SS1 */
+    int64_t frames;      /* how many frames' header lines were parsed */
+    bool reported;       /* a session: the current frame's call has been reported */
 };
 
 static struct lease lease = {.fd = -1, .relay = -1, .length = -1};
@@ -513,13 +558,13 @@ static bool parse_number(const char **cursor, const char *end, char terminator, 
     return true;
 }
 
-/* The header line, body[0 .. newline]: all its fields, or a malformed frame. */
-static void parse_header(const char *line, const char *end) {
-    const size_t magic = sizeof header_magic - 1;
-    if ((size_t)(end - line) < magic || memcmp(line, header_magic, magic) != 0) {
-        malformed("the header does not start with CODOMYRMEX-WS1");
-    }
-    const char *at = line + magic;
+static bool has_magic(const char *line, const char *end, const char *magic) {
+    return (size_t)(end - line) >= MAGIC_BYTES && memcmp(line, magic, MAGIC_BYTES) == 0;
+}
+
+/* The nonce at *cursor, followed by ``terminator``, into workspace.nonce: *cursor moves past both. */
+static void parse_nonce(const char **cursor, const char *end, char terminator) {
+    const char *at = *cursor;
     for (int i = 0; i < NONCE_DIGITS; i++, at++) {
         if (at == end || !((*at >= '0' && *at <= '9') || (*at >= 'a' && *at <= 'f'))) {
             malformed("the nonce is not 32 lowercase hex digits");
@@ -527,15 +572,52 @@ static void parse_header(const char *line, const char *end) {
         workspace.nonce[i] = *at;
     }
     workspace.nonce[NONCE_DIGITS] = '\0';
-    if (at == end || *at++ != ' ') malformed("the nonce is not 32 lowercase hex digits");
-    int64_t files_length;
+    if (at == end || *at++ != terminator) malformed("the nonce is not 32 lowercase hex digits");
+    *cursor = at;
+}
+
+/* A session's lifetime lowers the deadline, and never raises it. */
+static void lower_deadline(int64_t lifetime_ms) {
+    const int64_t now = monotonic_ns();
+    if (lifetime_ms > (INT64_MAX - now) / 1000000) return; /* past any deadline there can be */
+    if (now + lifetime_ms * 1000000 < deadline_ns) deadline_ns = now + lifetime_ms * 1000000;
+}
+
+/* A later frame's header line (a session's call): its nonce, or a malformed frame. */
+static void parse_call_header(const char *line, const char *end) {
+    if (!lease.session) malformed("a second frame follows a one-shot frame");
+    if (!has_magic(line, end, call_magic)) malformed("a later frame's header does not start with CODOMYRMEX-SC1");
+    const char *at = line + MAGIC_BYTES;
+    parse_nonce(&at, end, '\n');
+    if (at != end) malformed("a call's header line has more than its nonce");
+    lease.files_start = lease.files_end = lease.relayed = end - line;
+    lease.files_written = true; /* a call has no files: its input may be relayed at once */
+}
+
+/* The header line, body[0 .. newline]: all its fields, or a malformed frame. */
+static void parse_header(const char *line, const char *end) {
+    if (lease.frames++ > 0) {
+        parse_call_header(line, end);
+        return;
+    }
+    if (has_magic(line, end, session_magic)) {
+        lease.session = true;
+    } else if (!has_magic(line, end, one_shot_magic)) {
+        malformed("the header does not start with CODOMYRMEX-WS1 or CODOMYRMEX-SS1");
+    }
+    const char *at = line + MAGIC_BYTES;
+    parse_nonce(&at, end, ' ');
+    int64_t files_length, lifetime_ms = 0;
     if (!parse_number(&at, end, ' ', &files_length) || !parse_number(&at, end, ' ', &workspace.max_returned) ||
         !parse_number(&at, end, ' ', &workspace.max_file_bytes) ||
         !parse_number(&at, end, ' ', &workspace.max_total_bytes) ||
-        !parse_number(&at, end, ' ', &workspace.max_listed) || !parse_number(&at, end, '\n', &workspace.budget_ms) ||
-        at != end) {
-        malformed("the header's numbers are not six plain decimals separated by single spaces");
+        !parse_number(&at, end, ' ', &workspace.max_listed) ||
+        !parse_number(&at, end, lease.session ? ' ' : '\n', &workspace.budget_ms) ||
+        (lease.session && !parse_number(&at, end, '\n', &lifetime_ms)) || at != end) {
+        malformed(lease.session ? "the header's numbers are not seven plain decimals separated by single spaces"
+                                : "the header's numbers are not six plain decimals separated by single spaces");
     }
+    if (lease.session) lower_deadline(lifetime_ms);
     lease.files_start = end - line;
     if (files_length > lease.length - lease.files_start) malformed("the files section is longer than the frame");
     lease.files_end = lease.files_start + files_length;
@@ -597,6 +679,9 @@ static void parse_files(void) {
     }
 }
 
+static void remember_upload(const struct upload *upload, int fd);
+static void forget_uploads(void);
+
 static void cannot_write(const struct upload *upload) {
     report("seccomp-guard: cannot write the input file %s: %s", upload->path, strerror(errno));
     end_sandbox(GUARD_FAILED);
@@ -626,6 +711,7 @@ static void write_upload(const struct upload *upload) {
         if (n <= 0) cannot_write(upload);
         written += n;
     }
+    if (lease.session) remember_upload(upload, fd);
     if (close(fd) != 0) cannot_write(upload);
     if (dir != workspace.dir) close(dir);
     free(path);
@@ -636,7 +722,7 @@ static int by_path(const void *a, const void *b) {
 }
 
 /* The body has grown: parse the header once its line is in, write the files once their section is
- * in. */
+ * in (a session then takes its first snapshot from them, before PROGRAM has any input). */
 static void advance_frame(void) {
     if (lease.files_start == 0) {
         const int64_t scanned = lease.received < MAX_HEADER_LINE ? lease.received : MAX_HEADER_LINE;
@@ -653,11 +739,13 @@ static void advance_frame(void) {
         for (size_t i = 0; i < workspace.upload_count; i++) write_upload(&workspace.uploads[i]);
         qsort(workspace.uploads, workspace.upload_count, sizeof *workspace.uploads, by_path);
         lease.files_written = true;
+        if (lease.session) forget_uploads();
     }
 }
 
-/* PROGRAM gets no more input: it has had all of it, or closed its stdin (the rest is then read
- * and dropped). Closing the relay makes PROGRAM read EOF. Only the header and the files are kept. */
+/* PROGRAM gets no more input: it has had all of it (one-shot), or closed its stdin (the rest is then
+ * read and dropped, and in a session so are the calls to come). Closing the relay makes PROGRAM read
+ * EOF. Only the header and the files are kept. */
 static void close_relay(void) {
     close(lease.relay);
     lease.relay = -1;
@@ -666,8 +754,43 @@ static void close_relay(void) {
     if (kept != NULL) lease.body = kept;
 }
 
+/* PROGRAM has had the whole frame: a one-shot PROGRAM reads EOF; a session's pipe stays open for the
+ * calls to come, and the frame is freed (its nonce was copied out of it). */
 static void finish_input(void) {
-    if (lease.relay >= 0 && lease.files_written && lease.relayed == lease.length) close_relay();
+    if (lease.relay < 0 || !lease.files_written || lease.relayed != lease.length) return;
+    if (!lease.session) {
+        close_relay();
+        return;
+    }
+    free(lease.body);
+    lease.body = NULL;
+    lease.kept = 0;
+}
+
+/* A session's frame is whole (it arrived, and its header and files are taken care of) and its call
+ * not yet reported: the call is under way. */
+static bool call_pending(void) {
+    return lease.session && lease.length >= 0 && lease.files_written && lease.received == lease.length &&
+           !lease.reported;
+}
+
+/* PROGRAM has had all of the pending call's input (or will never have any more). */
+static bool call_relayed(void) {
+    return lease.relay < 0 || lease.relayed == lease.length;
+}
+
+/* A byte has arrived past a whole frame: it begins a session's next frame, when that may come. */
+static void next_frame(void) {
+    if (!lease.session) malformed("a second frame follows a one-shot frame");
+    if (!lease.reported) malformed("a frame began before the previous call was reported");
+    free(lease.body);
+    lease.body = NULL;
+    lease.length = -1;
+    lease.digits_value = 0;
+    lease.digits = 0;
+    lease.kept = lease.received = lease.files_start = lease.files_end = lease.relayed = 0;
+    lease.files_written = false;
+    lease.reported = false;
 }
 
 /* One byte of the frame's length; it may not fail: a malformed length ends the sandbox. */
@@ -688,31 +811,32 @@ static void read_length_byte(char c) {
     lease.digits++;
 }
 
-/* The lease has something to say (``revents``): 0 while it holds, else the init's exit status. */
+/* The lease has something to say (``revents``): 0 while it holds, else the init's exit status. Never
+ * reads past the frame it is in: a byte after a whole frame is read alone, and begins the next. */
 static int read_lease(short revents) {
     if (!(revents & POLLIN)) return LEASE_LOST; /* ended (or failed) with nothing left to read */
     char scratch[4096];
     char *into = scratch;
-    size_t want = 1; /* the length, a byte at a time: nothing of the body is read with it */
+    size_t want = 1; /* a length, a byte at a time: nothing of the body is read with it */
+    const bool whole = lease.length >= 0 && lease.received == lease.length;
     const int64_t missing = lease.length - lease.received;
     if (lease.length >= 0 && lease.received < lease.kept) {
         into = lease.body + lease.received;
         want = (size_t)(lease.kept - lease.received);
-    } else if (lease.length >= 0) { /* input PROGRAM will not get, or past the frame: dropped */
-        want = missing > 0 && (uint64_t)missing < sizeof scratch ? (size_t)missing : sizeof scratch;
+    } else if (lease.length >= 0 && !whole) { /* input PROGRAM will not get: dropped */
+        want = (uint64_t)missing < sizeof scratch ? (size_t)missing : sizeof scratch;
     }
     const ssize_t n = read(lease.fd, into, want);
     if (n < 0) return errno == EAGAIN || errno == EINTR ? 0 : LEASE_LOST;
     if (n == 0) return LEASE_LOST;
+    if (whole) next_frame();
     if (lease.length < 0) {
         read_length_byte(scratch[0]);
         return 0;
     }
-    if (missing > 0) {
-        lease.received += n;
-        if (!lease.files_written) advance_frame();
-        finish_input();
-    }
+    lease.received += n;
+    if (!lease.files_written) advance_frame();
+    finish_input();
     return 0;
 }
 
@@ -776,6 +900,29 @@ static void wait_for(int fd, short events, int64_t until) {
         if (ending != 0) end_sandbox(ending);
     }
     if (monotonic_ns() >= deadline_ns) end_sandbox(DEADLINE_PASSED);
+}
+
+static pid_t program_pid = -1; /* PROGRAM, the init's only child */
+static int signal_fd = -1;     /* every signal, all blocked, is read here and only here */
+
+/* Takes the queued signals, a bounded number per call (a flood of them cannot keep the init from its
+ * deadline and its lease): the termination signals are forwarded to PROGRAM, the rest dropped. True
+ * when signal 40 was among them and came from PROGRAM itself: its sender is believed only when the
+ * kernel wrote it (kill() and tgkill(); sigqueue() lets the sender write any pid, but the kernel
+ * refuses these two codes from a process to another). */
+static bool take_signals(void) {
+    bool asked = false;
+    struct signalfd_siginfo info;
+    for (int taken = 0; taken < 64 && read(signal_fd, &info, sizeof info) == (ssize_t)sizeof info; taken++) {
+        if (info.ssi_signo == REPORT_SIGNAL) {
+            asked |= (pid_t)info.ssi_pid == program_pid && (info.ssi_code == SI_USER || info.ssi_code == SI_TKILL);
+            continue;
+        }
+        for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) {
+            if ((int)info.ssi_signo == forwarded[i]) kill(program_pid, (int)info.ssi_signo);
+        }
+    }
+    return asked;
 }
 
 /*
@@ -867,8 +1014,8 @@ static void sha256_add(struct sha256 *hash, const unsigned char *data, size_t si
     }
 }
 
-/* The digest in lowercase hex, into ``hex`` (65 bytes, NUL-terminated). */
-static void sha256_finish(struct sha256 *hash, char hex[65]) {
+/* The digest's 32 bytes, into ``digest``. */
+static void sha256_digest(struct sha256 *hash, unsigned char digest[32]) {
     const uint64_t bits = hash->bytes * 8;
     hash->block[hash->used++] = 0x80;
     if (hash->used > 56) {
@@ -879,13 +1026,24 @@ static void sha256_finish(struct sha256 *hash, char hex[65]) {
     memset(hash->block + hash->used, 0, 56 - hash->used);
     for (int i = 0; i < 8; i++) hash->block[56 + i] = (unsigned char)(bits >> (56 - 8 * i));
     sha256_block(hash->state, hash->block);
+    for (int i = 0; i < 32; i++) digest[i] = (unsigned char)(hash->state[i / 4] >> (24 - 8 * (i % 4)));
+}
+
+/* A digest in lowercase hex, into ``hex`` (65 bytes, NUL-terminated). */
+static void sha256_hex(const unsigned char digest[32], char hex[65]) {
     static const char digits[] = "0123456789abcdef";
     for (int i = 0; i < 32; i++) {
-        const unsigned char byte = (unsigned char)(hash->state[i / 4] >> (24 - 8 * (i % 4)));
-        hex[2 * i] = digits[byte >> 4];
-        hex[2 * i + 1] = digits[byte & 0xf];
+        hex[2 * i] = digits[digest[i] >> 4];
+        hex[2 * i + 1] = digits[digest[i] & 0xf];
     }
     hex[64] = '\0';
+}
+
+/* The digest in lowercase hex, into ``hex`` (65 bytes, NUL-terminated). */
+static void sha256_finish(struct sha256 *hash, char hex[65]) {
+    unsigned char digest[32];
+    sha256_digest(hash, digest);
+    sha256_hex(digest, hex);
 }
 
 static size_t base64_size(size_t size) {
@@ -920,12 +1078,24 @@ static char *base64_encode(char *into, const unsigned char *data, size_t size) {
  * can know it, so a program that prints lookalike trailers prints ordinary output. Every read is
  * bounded (depth, names per directory, the time budget, the bytes held per file), so a hostile
  * workspace can only make the collection incomplete, which the end trailer says.
+ *
+ * One-shot, "new or changed" is against the uploads: a file is unchanged when its content is its
+ * upload's. In a session it is against the snapshot (see struct snapshot), and a call's report (see
+ * report_call()) is the same walk, in the same format, under the call's nonce, with every limit
+ * (returned, bytes, listed, the budget) counted afresh, but nothing is killed first: a walk that
+ * runs beside the program's processes never changes a mode to read an entry (one it cannot read
+ * makes the report incomplete), and it looks at the lease, the deadline and the signals every few
+ * milliseconds. Another process may then write to stdout between two of the init's writes: an entry
+ * larger than the pipe's atomic size may be split, and the host finds it malformed (files-end's
+ * count of listed entries then disagrees with what it read). The session's final collection, when
+ * PROGRAM has ended during a call, kills everything first, as one-shot does.
  */
 #define MAX_DEPTH 64                 /* directories below /sandbox */
 #define MAX_NAMES 200000             /* names held per directory */
 #define REAP_BOUND_NS 200000000LL    /* how long the init waits for the killed processes to be reaped */
 #define READ_CHUNK 65536
 #define CHECK_EVERY (1024 * 1024)    /* bytes read between two looks at the clock */
+#define LOOK_EVERY_NS 10000000LL     /* a walk beside live processes: between two looks at the lease */
 
 struct collection {
     int64_t ends;        /* the time budget's end (CLOCK_MONOTONIC ns), never past the deadline */
@@ -934,6 +1104,9 @@ struct collection {
     bool stopped;        /* the budget ran out, or the output is gone: the walk goes no further */
     char *path;          /* the current entry's path, relative to /sandbox */
     size_t path_length, path_capacity;
+    bool live;           /* a call's report: the program's processes run on (nothing was killed) */
+    int64_t next_look;   /* when live: when to look at the lease, the deadline and the signals next */
+    struct timespec started; /* CLOCK_REALTIME when the walk started (the clock of the files' times) */
 };
 
 static struct collection collection;
@@ -959,8 +1132,20 @@ static bool emit(const char *data, size_t size) {
     return emit_to(workspace.out, data, size);
 }
 
+/* A walk beside live processes looks around now and then: the end of the lease or the deadline ends
+ * the sandbox here as everywhere, and queued signals are taken (a report is under way: signal 40
+ * asks for nothing more). */
+static void look_around(int64_t now) {
+    collection.next_look = now + LOOK_EVERY_NS;
+    wait_for(-1, 0, now);
+    take_signals();
+}
+
 static bool out_of_time(void) {
-    if (monotonic_ns() < collection.ends) return false;
+    const int64_t now = monotonic_ns();
+    /* Beside live processes the deadline ends the sandbox, not just the walk (which stops at it). */
+    if (collection.live && (now >= collection.next_look || now >= collection.ends)) look_around(now);
+    if (now < collection.ends) return false;
     collection.stopped = true;
     collection.complete = false;
     return true;
@@ -969,6 +1154,193 @@ static bool out_of_time(void) {
 /* Something could not be looked at: the end trailer will say the collection is incomplete. */
 static void missed(void) {
     collection.complete = false;
+}
+
+/*
+ * The snapshot (sessions): the workspace as the previous report saw it, so that a call's report lists
+ * only what is new or changed since. One entry per regular file and per other entry that is not a
+ * directory, keyed by the SHA-256 of its path, cut to 16 bytes (a path may be 16 KiB long; two paths
+ * with one key would take some 2^64 tries to find, and cost their maker only a missed listing),
+ * with its (st_dev, st_ino, st_size, st_mtim, st_ctim). An entry is unchanged when that tuple is
+ * equal, except a *racy* one: a regular file whose ctime was within RACY_NS of (or after) the start
+ * of the walk that recorded it. A file's times come from a coarse clock (tmpfs stamps them with the
+ * last timer tick), so a write just after the walk saw it can leave the whole tuple as it was (the
+ * same size, rewritten in the same tick); a racy entry is compared by the SHA-256 of its content
+ * instead, which the walk that recorded it took. A chmod or a touch changes the tuple (ctime,
+ * mtime), so it lists the file again, unless the entry was racy (then its content decides).
+ *
+ * The first snapshot is the uploads, taken as the init writes them (all racy: they were just
+ * written); a file that is already under /sandbox by then (PROGRAM wrote it before the frame came)
+ * is new to call 0. Each report's walk updates the entries it sees in place and adds the ones it
+ * finds new; when it is over, the entries it did not see are dropped if it saw the whole workspace
+ * (they are gone) and kept if it was cut short (they may still be there, as they were). At most
+ * MAX_SNAPSHOT entries (about 100 bytes each): past that, an entry is not remembered (it will count
+ * as new again) and the report says it is incomplete.
+ */
+#define MAX_SNAPSHOT 200000
+#define RACY_NS 50000000LL
+#define KEY_BYTES 16
+
+struct entry {
+    unsigned char key[KEY_BYTES];
+    unsigned char sha256[32]; /* the content's digest, when ``hashed`` */
+    uint64_t dev, ino;
+    int64_t size, mtime_sec, ctime_sec;
+    int32_t mtime_nsec, ctime_nsec;
+    bool regular, racy, hashed;
+    bool seen; /* by the walk under way */
+};
+
+struct snapshot {
+    struct entry *entries; /* sorted by key up to ``sorted``; the entries the walk under way added follow */
+    size_t count, sorted, capacity;
+};
+
+static struct snapshot snapshot;
+
+static void path_key(const char *path, size_t size, unsigned char key[KEY_BYTES]) {
+    struct sha256 hash;
+    unsigned char digest[32];
+    sha256_start(&hash);
+    sha256_add(&hash, (const unsigned char *)path, size);
+    sha256_digest(&hash, digest);
+    memcpy(key, digest, KEY_BYTES);
+}
+
+static int by_key(const void *a, const void *b) {
+    return memcmp(((const struct entry *)a)->key, ((const struct entry *)b)->key, KEY_BYTES);
+}
+
+/* The previous snapshot's entry for ``key``, or NULL. */
+static struct entry *snapshot_find(const unsigned char key[KEY_BYTES]) {
+    if (snapshot.sorted == 0) return NULL;
+    struct entry probe;
+    memcpy(probe.key, key, KEY_BYTES);
+    return bsearch(&probe, snapshot.entries, snapshot.sorted, sizeof probe, by_key);
+}
+
+/* A new entry for ``key``, or NULL when the snapshot is full (or memory is). Moves the entries:
+ * pointers to them do not survive it. */
+static struct entry *snapshot_add(const unsigned char key[KEY_BYTES]) {
+    if (snapshot.count == MAX_SNAPSHOT) return NULL;
+    if (snapshot.count == snapshot.capacity) {
+        size_t capacity = snapshot.capacity == 0 ? 256 : snapshot.capacity * 2;
+        if (capacity > MAX_SNAPSHOT) capacity = MAX_SNAPSHOT;
+        struct entry *grown = realloc(snapshot.entries, capacity * sizeof *grown);
+        if (grown == NULL) return NULL;
+        snapshot.entries = grown;
+        snapshot.capacity = capacity;
+    }
+    struct entry *entry = &snapshot.entries[snapshot.count++];
+    memset(entry, 0, sizeof *entry);
+    memcpy(entry->key, key, KEY_BYTES);
+    return entry;
+}
+
+static bool same_stat(const struct entry *entry, const struct stat *st) {
+    return entry->dev == (uint64_t)st->st_dev && entry->ino == (uint64_t)st->st_ino && entry->size == st->st_size &&
+           entry->mtime_sec == st->st_mtim.tv_sec && entry->mtime_nsec == st->st_mtim.tv_nsec &&
+           entry->ctime_sec == st->st_ctim.tv_sec && entry->ctime_nsec == st->st_ctim.tv_nsec;
+}
+
+/* Whether a file the walk under way stats as ``st`` is racy (see struct snapshot). The walk's start is
+ * read from the same clock as the file's times, CLOCK_REALTIME, which only the host can set. */
+static bool is_racy(const struct stat *st) {
+    int64_t sec = collection.started.tv_sec, nsec = collection.started.tv_nsec - RACY_NS;
+    while (nsec < 0) {
+        nsec += NS_PER_SECOND;
+        sec--;
+    }
+    return st->st_ctim.tv_sec > sec || (st->st_ctim.tv_sec == sec && st->st_ctim.tv_nsec >= nsec);
+}
+
+static void fill_entry(struct entry *entry, const struct stat *st, bool regular, bool racy,
+                       const unsigned char *digest) {
+    entry->dev = (uint64_t)st->st_dev;
+    entry->ino = (uint64_t)st->st_ino;
+    entry->size = st->st_size;
+    entry->mtime_sec = st->st_mtim.tv_sec;
+    entry->mtime_nsec = (int32_t)st->st_mtim.tv_nsec;
+    entry->ctime_sec = st->st_ctim.tv_sec;
+    entry->ctime_nsec = (int32_t)st->st_ctim.tv_nsec;
+    entry->regular = regular;
+    entry->racy = racy;
+    entry->hashed = digest != NULL;
+    if (digest != NULL) memcpy(entry->sha256, digest, sizeof entry->sha256);
+    entry->seen = true;
+}
+
+/* What the walk under way saw at the current path: ``old`` updated in place, or a new entry. A racy
+ * entry without its digest (it was not read) will count as changed. */
+static void remember(const unsigned char key[KEY_BYTES], struct entry *old, const struct stat *st, bool regular,
+                     const unsigned char *digest) {
+    struct entry *entry = old != NULL ? old : snapshot_add(key);
+    if (entry == NULL) {
+        missed();
+        return;
+    }
+    fill_entry(entry, st, regular, regular && is_racy(st), digest);
+}
+
+/* A walk is over (``whole``: it saw all of the workspace): the entries it did not see are dropped
+ * (gone) or kept (not looked at), and the ones it added are sorted and merged in. */
+static void snapshot_settle(bool whole) {
+    size_t kept = 0;
+    for (size_t i = 0; i < snapshot.sorted; i++) {
+        if (whole && !snapshot.entries[i].seen) continue;
+        snapshot.entries[i].seen = false;
+        snapshot.entries[kept++] = snapshot.entries[i];
+    }
+    size_t end = kept;
+    for (size_t i = snapshot.sorted; i < snapshot.count; i++) {
+        snapshot.entries[i].seen = false;
+        snapshot.entries[end++] = snapshot.entries[i];
+    }
+    const size_t added = end - kept;
+    snapshot.count = snapshot.sorted = end;
+    if (added == 0) return;
+    qsort(snapshot.entries + kept, added, sizeof *snapshot.entries, by_key);
+    struct entry *tail = malloc(added * sizeof *tail);
+    if (tail == NULL) { /* sorted whole instead: slower, and it needs no memory */
+        qsort(snapshot.entries, end, sizeof *snapshot.entries, by_key);
+        return;
+    }
+    /* Merged from the back: the kept entries move up into the room the added ones leave. */
+    memcpy(tail, snapshot.entries + kept, added * sizeof *tail);
+    size_t i = kept, j = added, k = end;
+    while (j > 0) {
+        if (i > 0 && by_key(&snapshot.entries[i - 1], &tail[j - 1]) > 0) {
+            snapshot.entries[--k] = snapshot.entries[--i];
+        } else {
+            snapshot.entries[--k] = tail[--j];
+        }
+    }
+    free(tail);
+}
+
+/* An input file just written, its descriptor still open: the first snapshot's entry for it. Not
+ * remembered (no memory, or the file cannot be stat'ed), it is new to call 0's report. */
+static void remember_upload(const struct upload *upload, int fd) {
+    struct stat written;
+    if (fstat(fd, &written) != 0) return;
+    unsigned char key[KEY_BYTES], digest[32];
+    path_key(upload->path, strlen(upload->path), key);
+    struct sha256 hash;
+    sha256_start(&hash);
+    sha256_add(&hash, (const unsigned char *)lease.body + upload->offset, (size_t)upload->size);
+    sha256_digest(&hash, digest);
+    struct entry *entry = snapshot_add(key);
+    if (entry != NULL) fill_entry(entry, &written, true, true, digest);
+}
+
+/* A session's uploads are written and remembered: the snapshot is settled, and the uploads (which
+ * only one-shot's collection compares against) are freed. */
+static void forget_uploads(void) {
+    snapshot_settle(false);
+    for (size_t i = 0; i < workspace.upload_count; i++) free(workspace.uploads[i].path);
+    free(workspace.uploads);
+    workspace.uploads = NULL;
+    workspace.upload_count = 0;
 }
 
 static bool push_name(const char *name) {
@@ -1035,14 +1407,77 @@ static void not_regular(int64_t size) {
 }
 
 /* openat(), and once more after giving the owner read (and for a directory, search) permission if
- * the program took it away: the init is the owner, and every other process is dead by now. */
+ * the program took it away: the init is the owner, and every other process is dead by now. Not in a
+ * call's report, where the program runs on: it would see its modes change, and a process could swap
+ * the entry for a link between the look and the change (fchmodat() follows links). */
 static int open_entry(int dir, const char *name, int flags, mode_t mode) {
     int fd = openat(dir, name, flags);
-    if (fd < 0 && errno == EACCES) {
+    if (fd < 0 && errno == EACCES && !collection.live) {
         const mode_t wanted = (mode & 07777) | S_IRUSR | (S_ISDIR(mode) ? S_IXUSR : 0);
         if (fchmodat(dir, name, wanted, 0) == 0) fd = openat(dir, name, flags);
     }
     return fd;
+}
+
+/* A new or changed regular file, read whole (``size`` bytes, ``held`` when they could be returned): its
+ * entry, with its content when the limits allow. */
+static void list_file(int64_t size, const char *hex, bool returnable, const unsigned char *held) {
+    const char *omitted = NULL;
+    if (size > workspace.max_file_bytes) {
+        omitted = "too_large";
+    } else if (collection.returned >= workspace.max_returned) {
+        omitted = "over_count";
+    } else if (size > workspace.max_total_bytes - collection.returned_bytes || !returnable) {
+        omitted = "over_total";
+    }
+    if (omitted == NULL) {
+        write_entry(size, hex, NULL, held != NULL ? held : (const unsigned char *)"");
+        collection.returned++;
+        collection.returned_bytes += size;
+    } else {
+        write_entry(size, hex, omitted, NULL);
+    }
+}
+
+/* What is held of a file as it is read: at most ``limit`` bytes, enough to return the file if it can be
+ * returned, and one byte more to tell that it is larger. None when it cannot be returned whatever its
+ * size. */
+struct held {
+    unsigned char *data;
+    int64_t size, capacity, limit;
+    bool returnable;
+};
+
+static struct held start_holding(bool listing) {
+    struct held held = {.returnable = listing && collection.returned < workspace.max_returned};
+    if (held.returnable) {
+        const int64_t total_left = workspace.max_total_bytes - collection.returned_bytes;
+        const int64_t room = workspace.max_file_bytes < total_left ? workspace.max_file_bytes : total_left;
+        held.limit = room < INT64_MAX ? room + 1 : INT64_MAX;
+    }
+    return held;
+}
+
+static void hold(struct held *held, const unsigned char *chunk, int64_t n) {
+    const int64_t take = held->returnable && held->limit - held->size < n ? held->limit - held->size
+                                                                           : (held->returnable ? n : 0);
+    if (take > 0 && held->size + take > held->capacity) {
+        int64_t capacity = held->capacity == 0 ? READ_CHUNK : held->capacity * 2;
+        if (capacity > held->limit) capacity = held->limit;
+        if (capacity < held->size + take) capacity = held->size + take;
+        unsigned char *grown = realloc(held->data, (size_t)capacity);
+        if (grown == NULL) { /* it cannot be returned after all, and the end trailer says so */
+            missed();
+            held->returnable = false;
+        } else {
+            held->data = grown;
+            held->capacity = capacity;
+        }
+    }
+    if (take > 0 && held->returnable) {
+        memcpy(held->data + held->size, chunk, (size_t)take);
+        held->size += take;
+    }
 }
 
 /* A regular file: read to its end (what was read is what is reported), hashed, compared with its
@@ -1069,18 +1504,9 @@ static void regular_file(int dir, const char *name, const struct stat *seen) {
         not_regular(seen->st_size);
         return;
     }
-    /* At most ``hold`` bytes are held: enough to return the file if it can be returned, and one byte
-     * more to tell that it is larger. None when it cannot be returned whatever its size. */
-    bool returnable = listing && collection.returned < workspace.max_returned;
-    int64_t hold = 0;
-    if (returnable) {
-        const int64_t total_left = workspace.max_total_bytes - collection.returned_bytes;
-        const int64_t room = workspace.max_file_bytes < total_left ? workspace.max_file_bytes : total_left;
-        hold = room < INT64_MAX ? room + 1 : INT64_MAX;
-    }
+    struct held held = start_holding(listing);
     static unsigned char chunk[READ_CHUNK];
-    unsigned char *held = NULL;
-    int64_t held_size = 0, held_capacity = 0, size = 0, unchecked = 0;
+    int64_t size = 0, unchecked = 0;
     bool same = upload != NULL; /* as the upload, so far */
     struct sha256 hash;
     sha256_start(&hash);
@@ -1094,63 +1520,127 @@ static void regular_file(int dir, const char *name, const struct stat *seen) {
             if (!same && !listing) break; /* changed, and only counted */
         }
         if (listing) sha256_add(&hash, chunk, (size_t)n);
-        const int64_t take = returnable && hold - held_size < n ? hold - held_size : (returnable ? n : 0);
-        if (take > 0 && held_size + take > held_capacity) {
-            int64_t capacity = held_capacity == 0 ? READ_CHUNK : held_capacity * 2;
-            if (capacity > hold) capacity = hold;
-            if (capacity < held_size + take) capacity = held_size + take;
-            unsigned char *grown = realloc(held, (size_t)capacity);
-            if (grown == NULL) { /* it cannot be returned after all, and the end trailer says so */
-                missed();
-                returnable = false;
-            } else {
-                held = grown;
-                held_capacity = capacity;
-            }
-        }
-        if (take > 0 && returnable) {
-            memcpy(held + held_size, chunk, (size_t)take);
-            held_size += take;
-        }
+        hold(&held, chunk, n);
         size += n;
         unchecked += n;
         if (unchecked >= CHECK_EVERY) {
             unchecked = 0;
             if (out_of_time()) { /* the entry being read is not written */
                 close(fd);
-                free(held);
+                free(held.data);
                 return;
             }
         }
     }
     close(fd);
     if (same && size == upload->size) { /* unchanged */
-        free(held);
+        free(held.data);
         return;
     }
     if (!listing) {
         collection.unlisted++;
-        free(held);
+        free(held.data);
         return;
     }
     char hex[65];
     sha256_finish(&hash, hex);
-    const char *omitted = NULL;
-    if (size > workspace.max_file_bytes) {
-        omitted = "too_large";
-    } else if (collection.returned >= workspace.max_returned) {
-        omitted = "over_count";
-    } else if (size > workspace.max_total_bytes - collection.returned_bytes || !returnable) {
-        omitted = "over_total";
+    list_file(size, hex, held.returnable, held.data);
+    free(held.data);
+}
+
+/* A session's entry that is not a regular file (``st``): listed when it is new or its tuple changed. */
+static void session_other(const unsigned char key[KEY_BYTES], struct entry *old, const struct stat *st) {
+    if (old != NULL && !old->regular && same_stat(old, st)) {
+        old->seen = true;
+        return;
     }
-    if (omitted == NULL) {
-        write_entry(size, hex, NULL, held != NULL ? held : (const unsigned char *)"");
-        collection.returned++;
-        collection.returned_bytes += size;
-    } else {
-        write_entry(size, hex, omitted, NULL);
+    not_regular(st->st_size);
+    remember(key, old, st, false, NULL);
+}
+
+/* A session's regular file, compared with the snapshot (see struct snapshot): unchanged by its tuple
+ * without being read; else read to its end (what was read is what is reported and remembered), and
+ * listed when it is new, changed by its tuple, or (racy) by its content. A file only counted is read
+ * only when its digest is needed: to compare it, or to remember it if it is racy now. */
+static void session_file(int dir, const char *name, const struct stat *seen) {
+    unsigned char key[KEY_BYTES];
+    path_key(collection.path, collection.path_length, key);
+    struct entry *old = snapshot_find(key);
+    if (old != NULL && old->regular && !old->racy && same_stat(old, seen)) {
+        old->seen = true;
+        return;
     }
-    free(held);
+    const bool listing = collection.listed < workspace.max_listed;
+    const bool by_content = old != NULL && old->regular && old->racy;
+    if (!listing && !by_content && !is_racy(seen)) { /* new, or changed by its tuple: only counted */
+        collection.unlisted++;
+        remember(key, old, seen, true, NULL);
+        return;
+    }
+    const int fd = open_entry(dir, name, O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, seen->st_mode);
+    if (fd < 0) {
+        if (errno == ELOOP) {
+            session_other(key, old, seen);
+        } else {
+            missed();
+        }
+        return;
+    }
+    struct stat opened;
+    if (fstat(fd, &opened) != 0 || !S_ISREG(opened.st_mode)) {
+        close(fd);
+        session_other(key, old, seen);
+        return;
+    }
+    struct held held = start_holding(listing);
+    static unsigned char chunk[READ_CHUNK];
+    int64_t size = 0, unchecked = 0;
+    struct sha256 hash;
+    sha256_start(&hash);
+    for (;;) {
+        const ssize_t n = read(fd, chunk, sizeof chunk);
+        if (n < 0 && errno == EINTR) continue;
+        if (n < 0) missed(); /* what was read is reported */
+        if (n <= 0) break;
+        sha256_add(&hash, chunk, (size_t)n);
+        hold(&held, chunk, n);
+        size += n;
+        unchecked += n;
+        if (unchecked >= CHECK_EVERY) {
+            unchecked = 0;
+            if (out_of_time()) { /* neither listed nor remembered: the walk is cut short */
+                close(fd);
+                free(held.data);
+                return;
+            }
+        }
+    }
+    close(fd);
+    unsigned char digest[32];
+    sha256_digest(&hash, digest);
+    const bool same = old != NULL && old->regular &&
+                      (old->racy ? old->hashed && memcmp(old->sha256, digest, sizeof digest) == 0
+                                 : same_stat(old, &opened));
+    if (!same && listing) {
+        char hex[65];
+        sha256_hex(digest, hex);
+        list_file(size, hex, held.returnable, held.data);
+    } else if (!same) {
+        collection.unlisted++;
+    }
+    free(held.data);
+    remember(key, old, &opened, true, digest);
+}
+
+/* One entry of a session's walk that is not a directory. */
+static void session_entry(int dir, const char *name, const struct stat *seen) {
+    if (S_ISREG(seen->st_mode)) {
+        session_file(dir, name, seen);
+        return;
+    }
+    unsigned char key[KEY_BYTES];
+    path_key(collection.path, collection.path_length, key);
+    session_other(key, snapshot_find(key), seen);
 }
 
 static void walk(int fd, int depth);
@@ -1178,6 +1668,8 @@ static void visit(int dir, const char *name, int depth) {
         } else {
             walk(fd, depth + 1);
         }
+    } else if (lease.session) {
+        session_entry(dir, name, &seen);
     } else if (S_ISREG(seen.st_mode)) {
         regular_file(dir, name, &seen);
     } else {
@@ -1236,8 +1728,53 @@ static void walk(int fd, int depth) {
     closedir(directory);
 }
 
-/* PROGRAM has ended with ``status``: kill what is left, reap it (for a bounded time), walk the
- * workspace and write its entries, then the end trailer, and exit with PROGRAM's status. */
+/* Walks the workspace and writes its new and changed entries, every limit counted afresh; the budget
+ * runs from ``start``. ``live``: the program's processes run on (a call's report). */
+static void walk_workspace(int64_t start, bool live) {
+    const int64_t budget_ns = workspace.budget_ms > (INT64_MAX - start) / 1000000 ? INT64_MAX - start
+                                                                                  : workspace.budget_ms * 1000000;
+    collection.ends = start + budget_ns < deadline_ns ? start + budget_ns : deadline_ns;
+    collection.listed = collection.unlisted = collection.returned = collection.returned_bytes = 0;
+    collection.complete = true;
+    collection.stopped = false;
+    collection.live = live;
+    collection.next_look = start + LOOK_EVERY_NS;
+    if (clock_gettime(CLOCK_REALTIME, &collection.started) != 0) {
+        collection.started.tv_sec = 0; /* cannot fail; were it to, every file would count as racy */
+        collection.started.tv_nsec = 0;
+    }
+    if (collection.path == NULL) {
+        collection.path = calloc(1, 256);
+        collection.path_capacity = collection.path != NULL ? 256 : 0;
+    } else {
+        pop_name(0);
+    }
+    const int root = openat(workspace.dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (collection.path == NULL || root < 0) {
+        if (root >= 0) close(root);
+        missed();
+    } else {
+        walk(root, 0);
+    }
+}
+
+/* The end trailer, under the nonce the entries were written under. */
+static void write_end(void) {
+    char end[2 + NONCE_DIGITS + 16 + 2 * 20 + 8];
+    const int length = snprintf(end, sizeof end, "%c%s:files-end=%lld %lld %d%c", '\0', workspace.nonce,
+                                (long long)collection.listed, (long long)collection.unlisted,
+                                collection.complete ? 1 : 0, '\0');
+    if (length > 0) {
+        /* On both streams: each is first-in first-out and everything else in the sandbox is dead
+         * (or, in a call's report, done with the call), so the end trailer on a stream means that
+         * stream is complete (the engine delivers the two streams independently: stdout's end says
+         * nothing of stderr's). stderr is the init's own non-blocking description (see
+         * detach_stdio). */
+        emit(end, (size_t)length);
+        emit_to(STDERR_FILENO, end, (size_t)length);
+    }
+}
+
 /* The report is written: everything in the sandbox is over, and the sandbox stays only until the
  * server hangs up, which it does once it has read the report and the kernel's accounting of the
  * sandbox (that goes with the container). The end of the lease is then the ordinary end: the init
@@ -1257,10 +1794,13 @@ static void wait_for_hang_up(int status) {
         char scratch[4096];
         const ssize_t n = (watched.revents & POLLIN) ? read(lease.fd, scratch, sizeof scratch) : 0;
         if (n == 0 || (n < 0 && errno != EAGAIN && errno != EINTR)) _exit(status);
-        /* Bytes past the frame mean nothing: they are read and dropped. */
+        /* Bytes past the last frame mean nothing now: they are read and dropped. */
     }
 }
 
+/* PROGRAM has ended with ``status`` (one-shot, or a session's during a call): kill what is left, reap
+ * it (for a bounded time), walk the workspace and write its entries, then the end trailer, and exit
+ * with PROGRAM's status once the server hangs up. */
 static void collect(int status) {
     const int64_t start = monotonic_ns();
     kill(-1, SIGKILL);
@@ -1275,33 +1815,25 @@ static void collect(int status) {
         const int64_t millisecond = NS_PER_SECOND / 1000;
         wait_for(-1, 0, now + millisecond < reaped_by ? now + millisecond : reaped_by);
     }
-
-    const int64_t budget_ns = workspace.budget_ms > (INT64_MAX - start) / 1000000 ? INT64_MAX - start
-                                                                                  : workspace.budget_ms * 1000000;
-    collection.ends = start + budget_ns < deadline_ns ? start + budget_ns : deadline_ns;
-    collection.complete = true;
-    collection.path = calloc(1, 256);
-    collection.path_capacity = 256;
-    const int root = openat(workspace.dir, ".", O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (collection.path == NULL || root < 0) {
-        if (root >= 0) close(root);
-        missed();
-    } else {
-        walk(root, 0);
-    }
-    char end[2 + NONCE_DIGITS + 16 + 2 * 20 + 8];
-    const int length = snprintf(end, sizeof end, "%c%s:files-end=%lld %lld %d%c", '\0', workspace.nonce,
-                                (long long)collection.listed, (long long)collection.unlisted,
-                                collection.complete ? 1 : 0, '\0');
-    if (length > 0) {
-        /* On both streams: each is first-in first-out and everything else in the sandbox is dead,
-         * so the end trailer on a stream means that stream is complete (the engine delivers the
-         * two streams independently: stdout's end says nothing of stderr's). stderr is the init's
-         * own non-blocking description (see detach_stdio). */
-        emit(end, (size_t)length);
-        emit_to(STDERR_FILENO, end, (size_t)length);
-    }
+    walk_workspace(start, false);
+    write_end();
     wait_for_hang_up(exit_status(status));
+}
+
+/*
+ * A session's call is over: PROGRAM, done with it, sent signal 40. The init reports what is new or
+ * changed since the previous report (or, for call 0, since the uploads): the collection's walk, its
+ * limits and its format, under the call's nonce, and the end trailer on both streams, but nothing
+ * is killed and the walk looks around as it goes (see the collection). The walk becomes the next
+ * snapshot. Once the end trailers are being written the call counts as reported, and the next
+ * frame may come.
+ */
+static void report_call(void) {
+    walk_workspace(monotonic_ns(), true);
+    lease.reported = true;
+    write_end();
+    snapshot_settle(collection.complete && !collection.stopped);
+    collection.live = false;
 }
 
 static int supervise(double seconds, bool leased, char *const program[]) {
@@ -1311,11 +1843,15 @@ static int supervise(double seconds, bool leased, char *const program[]) {
 
     /* Block everything before the fork: no signal meant for the init is lost in between. Signals
      * are then read from a signalfd, and only there. */
-    sigset_t all, original;
+    sigset_t all, original, blocked;
     sigfillset(&all);
     if (sigprocmask(SIG_SETMASK, &all, &original) != 0) fail("blocking the signals failed: %s", strerror(errno));
-    const int signals = signalfd(-1, &all, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (signals < 0) fail("signalfd failed: %s", strerror(errno));
+    /* glibc keeps two signals of its own out of any mask; a session's signal 40 must be in it. */
+    if (sigprocmask(SIG_BLOCK, NULL, &blocked) != 0 || sigismember(&blocked, REPORT_SIGNAL) != 1) {
+        fail("signal %d cannot be blocked", REPORT_SIGNAL);
+    }
+    signal_fd = signalfd(-1, &all, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (signal_fd < 0) fail("signalfd failed: %s", strerror(errno));
     /* Before the fork too, so that PROGRAM never sees a dumpable init; its own execve() makes it
      * dumpable again as usual. */
     if (prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0) fail("PR_SET_DUMPABLE failed: %s", strerror(errno));
@@ -1324,6 +1860,7 @@ static int supervise(double seconds, bool leased, char *const program[]) {
     const pid_t child = fork();
     if (child < 0) fail("fork failed: %s", strerror(errno));
     if (child == 0) run_program(program, &original, input);
+    program_pid = child;
 
     if (input >= 0) close(input);
     detach_stdio();
@@ -1333,6 +1870,11 @@ static int supervise(double seconds, bool leased, char *const program[]) {
         pid_t ended;
         while ((ended = waitpid(-1, &status, WNOHANG)) > 0) {
             if (ended != child) continue;
+            /* A session: if a call is under way, it ends as one-shot does; between calls, at once. */
+            if (lease.session) {
+                if (call_pending()) collect(status);
+                end_sandbox(exit_status(status));
+            }
             /* The whole frame arrived (and so was valid): the workspace is collected. */
             if (leased && lease.files_written && lease.received == lease.length) collect(status);
             _exit(exit_status(status));
@@ -1343,7 +1885,7 @@ static int supervise(double seconds, bool leased, char *const program[]) {
         if (remaining <= 0) end_sandbox(DEADLINE_PASSED);
         const struct timespec timeout = {.tv_sec = remaining / NS_PER_SECOND, .tv_nsec = remaining % NS_PER_SECOND};
         struct pollfd watched[3] = {
-            {.fd = signals, .events = POLLIN, .revents = 0},
+            {.fd = signal_fd, .events = POLLIN, .revents = 0},
             {.fd = lease.fd, .events = POLLIN, .revents = 0}, /* -1 (ignored) without --lease */
             {.fd = relay_pending() ? lease.relay : -1, .events = POLLOUT, .revents = 0},
         };
@@ -1351,21 +1893,16 @@ static int supervise(double seconds, bool leased, char *const program[]) {
             if (errno == EINTR) continue;
             init_failed("ppoll");
         }
-        if (watched[0].revents & POLLIN) {
-            /* A bounded number per wake-up: a flood of queued signals cannot keep the loop from its
-             * deadline and its lease. */
-            struct signalfd_siginfo info;
-            for (int taken = 0; taken < 64 && read(signals, &info, sizeof info) == (ssize_t)sizeof info; taken++) {
-                for (size_t i = 0; i < sizeof forwarded / sizeof *forwarded; i++) {
-                    if ((int)info.ssi_signo == forwarded[i]) kill(child, (int)info.ssi_signo);
-                }
-            }
-        }
+        /* Signal 40 from PROGRAM asks for the pending call's report, once PROGRAM has had all of its
+         * input; at any other time it asks for nothing (at most one report per call). */
+        if ((watched[0].revents & POLLIN) && take_signals() && call_pending() && call_relayed()) report_call();
         if (watched[1].revents) {
             const int ending = read_lease(watched[1].revents);
             if (ending != 0) end_sandbox(ending);
         }
-        if (watched[2].revents || relay_pending()) relay_input();
+        /* Only while there is input to give (a report, or the lease just read, may have changed that
+         * since the poll): a write to a pipe whose reader is gone fails then, and the relay closes. */
+        if (relay_pending()) relay_input();
     }
 }
 

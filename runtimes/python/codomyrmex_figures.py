@@ -4,7 +4,8 @@
 # show() and created() here. Importing this module costs nothing: matplotlib is only touched
 # once the program has imported it. Only the runner's own process captures anything: start()
 # marks it; in every other process (a script the program runs, a forked worker) show() does
-# nothing at all, so such scripts keep working as they would under Agg.
+# nothing at all, so such scripts keep working as they would under Agg. In a session the runner
+# captures per call: begin() when a call starts, finish(close=True) when it ends.
 import base64
 import hashlib
 import io
@@ -71,15 +72,33 @@ class Capture:
         self._rendered = 0
         self._entries = []  # (creation number, arrival, trailer value)
 
-    def finish(self, value=None):
+    def begin(self):
+        """A session's call starts: capture again, from nothing, with the limits counted afresh.
+        A figure reported by an earlier call is reported again only if this call shows it again
+        or ends with it, as a notebook cell would."""
+        self.finished = False
+        self._seen = weakref.WeakSet()
+        self._rendered = 0
+        self._entries = []
+
+    def finish(self, value=None, close=False):
         """The program's code has returned: take the figures it left open and a Figure it ended
-        with. Called before the program's atexit handlers, one of which (pyplot's) closes them."""
-        for manager in _open_managers():
-            self.add(manager.canvas.figure)
-        figure_module = sys.modules.get("matplotlib.figure")
-        if figure_module is not None and isinstance(value, figure_module.Figure):
-            self.add(value)
-        self.finished = True
+        with. Called before the program's atexit handlers, one of which (pyplot's) closes them.
+        ``close`` (a session's call) closes those it took, so that the next call does not report
+        them again; until then (between calls) show() does nothing and new figures stay open."""
+        managers = _open_managers()
+        try:
+            for manager in managers:
+                self.add(manager.canvas.figure)
+            figure_module = sys.modules.get("matplotlib.figure")
+            if figure_module is not None and isinstance(value, figure_module.Figure):
+                self.add(value)
+            self.finished = True
+        finally:
+            if close:
+                self.finished = True
+                for manager in managers:
+                    sys.modules["matplotlib._pylab_helpers"].Gcf.destroy(manager)
 
     def values(self):
         """The ``fig`` trailers' values, in the order the figures were made."""
