@@ -248,7 +248,7 @@ class Collected:
 
 
 def collect(
-    file_trailers: Iterable[bytes],
+    file_trailers: Sequence[bytes],
     figure_trailers: Iterable[bytes],
     files_end: bytes | None,
     limits: Limits,
@@ -277,8 +277,10 @@ def collect(
         if parsed is None:
             complete = False
         else:
-            unlisted, finished = parsed
-            complete = complete and finished
+            listed, unlisted, finished = parsed
+            # Fewer entries than the init wrote: some were lost on the way (in a session, a background
+            # process writing while the init reports can split an entry).
+            complete = complete and finished and listed == len(file_trailers)
     figures = _figures(figure_trailers, limits)
     files.sort(key=lambda entry: entry.path.encode("utf-8", "surrogatepass"))
     return Collected(files, figures, unlisted, complete)
@@ -405,12 +407,12 @@ def _figure(value: bytes, path: str, limits: Limits, returned: int) -> ReturnedF
     return _returned(path, size, sha, reason, content, mime="image/png")
 
 
-def _files_end(value: bytes) -> tuple[int, bool] | None:
+def _files_end(value: bytes) -> tuple[int, int, bool] | None:
     fields = value.split(b" ")
     if len(fields) != 3 or fields[2] not in {b"0", b"1"}:  # noqa: PLR2004 - listed, unlisted, complete
         return None
-    unlisted = _size(fields[1])
-    return None if unlisted is None else (unlisted, fields[2] == b"1")
+    listed, unlisted = _size(fields[0]), _size(fields[1])
+    return None if listed is None or unlisted is None else (listed, unlisted, fields[2] == b"1")
 
 
 def _b64(raw: bytes | memoryview) -> bytes | None:

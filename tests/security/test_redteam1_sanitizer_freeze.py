@@ -21,6 +21,8 @@ import pytest
 
 from codomyrmex_sandbox.excerpt import marker_line
 
+TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]
+
 pytestmark = [pytest.mark.docker, pytest.mark.asyncio(loop_scope="module"), pytest.mark.usefixtures("host_is_clean")]
 
 FLOOD = 120_000  # introducers on stdout, and again on stderr (240 KB each, under the 1 MiB cap)
@@ -90,7 +92,7 @@ async def test_a_flood_of_unterminated_introducers_leaves_the_server_responsive(
                 listed = await server.client.list_tools()
             slowest_list = max(slowest_list, time.monotonic() - start)
             lists += 1
-            assert [tool.name for tool in listed.tools] == ["execute_code", "create_session", "close_session", "list_sessions"]
+            assert [tool.name for tool in listed.tools] == TOOLS
             await anyio.sleep(0.05)
     measure("flood_seconds", round(seconds["flood"], 3))
     measure("victim_seconds", round(seconds["victim"], 3))

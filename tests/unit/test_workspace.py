@@ -478,3 +478,10 @@ def test_a_name_with_control_characters_is_listed_with_them_made_visible() -> No
     assert listed.path == "report\\u001b[2J\\u000a\\u202eexe.txt"
     assert listed.content == b"x"
     assert "\x1b" not in listed.path
+
+
+def test_entries_lost_on_the_way_make_the_list_incomplete() -> None:
+    """The end trailer counts what the init wrote: an entry that never arrived as one (in a session,
+    a background process writing while the init reports can split it) makes the list incomplete."""
+    assert collect([entry(b"a", b"1")], [], b"1 0 1", LIMITS).complete is True
+    assert collect([entry(b"a", b"1")], [], b"2 0 1", LIMITS).complete is False

@@ -137,8 +137,11 @@ class DockerSession:
         elif ending.cut_short:  # the runner's word came; its report did not, in time
             evidence = Evidence(exit_code=exited if done is None else done, oom_killed=oom)
             done = None  # the framing is out of step: the session cannot go on
-        else:
-            evidence = await execution.engine_evidence(self._parts.connection, self._box, ending, None)
+        else:  # no word from the runner: the interpreter died (the init reported its files) or the sandbox is gone
+            if ending.done and self._box.attachment is not None:
+                self._box.attachment.hang_up()  # the init then exits with the interpreter's status
+            new_kills = None if kills is None else kills - self._oom_kills
+            evidence = await execution.engine_evidence(self._parts.connection, self._box, ending, new_kills)
         result = await build_result(
             job, collector, evidence, ending.duration_ms, self.runtime_version, usage=usage, workspace=True
         )
