@@ -39,6 +39,13 @@ from pydantic_ai.profiles.openai import OpenAIJsonSchemaTransformer
 from codomyrmex_sandbox import FakeBackend, Sandbox, Settings
 from codomyrmex_sandbox.server import build_server
 
+TOOLS = [
+    "execute_code",
+    "create_session",
+    "close_session",
+    "list_sessions",
+]  # what the server offers with sessions on (the default)
+
 pytestmark = [
     # FastMCP, once imported, gives mcp's Tool camelCase aliases that warn; google-genai's converter
     # reads `tool.inputSchema` before `tool.input_schema`.
@@ -146,7 +153,7 @@ async def test_google_genai_mcp_session_runs_a_call_as_gemini_sends_it():
     async with serving() as (server, backend), Client(server) as client:
         config, adapters = await parse_config_for_mcp_sessions(types.GenerateContentConfig(tools=[client.session]))
         assert config is not None
-        assert [d.name for tool in config.tools or [] for d in tool.function_declarations or []] == ["execute_code"]
+        assert [d.name for tool in config.tools or [] for d in tool.function_declarations or []] == TOOLS
         result = await adapters["execute_code"].call_tool(
             types.FunctionCall(
                 name="execute_code", args={"code": "print(1)", "timeout_seconds": 5.0, "memory_mb": 64.0}
@@ -154,6 +161,26 @@ async def test_google_genai_mcp_session_runs_a_call_as_gemini_sends_it():
         )
     assert result.is_error is False, result.content
     assert limits_of(backend) == ("python", 5.0, 64)
+
+
+async def test_google_genai_mcp_session_keeps_a_session_across_calls_as_gemini_sends_them():
+    # Gemini sends every number as a float, and a model may fill every field: a session created
+    # and used through the adapters, as automatic function calling does, keeps its state.
+    async with serving() as (server, _), Client(server) as client:
+        _, adapters = await parse_config_for_mcp_sessions(types.GenerateContentConfig(tools=[client.session]))
+        created = await adapters["create_session"].call_tool(
+            types.FunctionCall(name="create_session", args={"language": "python", "idle_timeout_seconds": 60.0})
+        )
+        assert created.is_error is False, created.content
+        assert created.structured_content is not None
+        session_id = created.structured_content["session_id"]
+        calls = []
+        for code in ("print(1)", "print(2)"):
+            args = {"code": code, "session_id": session_id, "timeout_seconds": 5.0, "stdin": ""}
+            calls.append(await adapters["execute_code"].call_tool(types.FunctionCall(name="execute_code", args=args)))
+        listed = await adapters["list_sessions"].call_tool(types.FunctionCall(name="list_sessions", args={}))
+    assert [call.structured_content["session"]["call_index"] for call in calls if call.structured_content] == [1, 2]
+    assert listed.structured_content is not None and len(listed.structured_content["sessions"]) == 1
 
 
 # -- openai-agents 0.24 -------------------------------------------------------------------------

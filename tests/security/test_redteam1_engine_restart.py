@@ -17,6 +17,8 @@ import pytest
 
 from tests.support import control_engine, process_alive, text_of
 
+TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]  # what the server offers with sessions on (the default)
+
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 
 FAIL_FAST_SECONDS = 3.0
@@ -48,7 +50,7 @@ async def test_the_same_server_fails_fast_while_the_engine_is_away_and_serves_ag
             assert took < FAIL_FAST_SECONDS, f"a call with the engine away took {took:.2f} s"
         measure("slowest_refusal_while_away_seconds", round(max(took for took, _ in refusals), 3))
         assert alive_while_away
-        assert [tool.name for tool in listed.tools] == ["execute_code"]
+        assert [tool.name for tool in listed.tools] == TOOLS
 
         # The same server, no restart: it reconnects by itself and serves again.
         while True:

@@ -14,6 +14,8 @@ import pytest
 
 from tests.support import rss_kib
 
+TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]  # what the server offers with sessions on (the default)
+
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 
 HUGE = 100 * 1024 * 1024
@@ -38,7 +40,7 @@ async def test_a_100_mb_request_line_is_refused_with_its_id_in_bounded_memory(ra
     assert "over this server's limit" in message and "send less code, stdin or files" in message, message
     # Bounded: the server reads it in pieces of at most the limit (about 35 MB by default), never whole.
     assert peak - before < 64 * 1024, f"resident memory grew by {peak - before} KiB while skipping the line"
-    assert [tool["name"] for tool in listed["result"]["tools"]] == ["execute_code"]
+    assert [tool["name"] for tool in listed["result"]["tools"]] == TOOLS
     assert json.loads(json.dumps(ran["result"]["structuredContent"]))["stdout"] == "still serving\n"
     assert "message_too_large" in log
 
