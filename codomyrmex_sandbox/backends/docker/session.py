@@ -68,6 +68,7 @@ class DockerSession:
         self._receive = receive
         self._limits = limits
         self._ended = False
+        self._calling = False  # a call reads the stream now
         self._usage: ResourceUsage | None = None  # the sandbox's counters after the last call
         self._oom_kills = 0  # the kernel's OOM count of the sandbox after the last call
 
@@ -115,6 +116,7 @@ class DockerSession:
         payload = protocol.call_frame(guard_nonce, nonce, job.code, job.stdin or b"")
         collector = self._collector(nonce, guard_nonce, job)
         before = self._usage
+        self._calling = True
         try:
             ending = await execution.call(
                 self._box,
@@ -126,8 +128,12 @@ class DockerSession:
                 collect_seconds=self._parts.collect_seconds,
             )
         except BaseException:  # cancelled mid-call: the sandbox was killed; the session is over
+            self._calling = False
             await self._end()
             raise
+        self._calling = False
+        if self._ended:  # closed while the call ran (the server stopping): the call saw the streams end
+            self._receive.close()
         after, kills = (await self._read_usage(), await self._read_oom_kills()) if ending.done else (None, None)
         usage = _call_usage(before, after, None if kills is None else kills - self._oom_kills)
         oom = kills is not None and kills > self._oom_kills
@@ -164,7 +170,10 @@ class DockerSession:
         self._ended = True
         if self._box.attachment is not None:
             self._box.attachment.hang_up()  # the lease ends: the init kills everything in the sandbox
-        self._receive.close()
+        if not self._calling:
+            # The reader may be blocked handing output over that nobody will read: this frees it. A
+            # running call reads on until the streams end (the hang-up), then closes it itself.
+            self._receive.close()
         with anyio.CancelScope(shield=True):
             await self._parts.discard(self._box)
 
