@@ -136,6 +136,14 @@ class OutputCollector:
         every other process is dead by then: nothing more will come from the sandbox."""
         return protocol.FILES_END in self._trailers and protocol.FILES_END in self._stderr_trailers
 
+    @property
+    def call_done(self) -> bool:
+        """A session's call is over: the init's report has ended on both streams, and either the
+        runner said the call ended (or that the program exits) or the init said the program has
+        ended (its final report). A report without either came early (a thread of the interpreter
+        asked for it): the call goes on, and its end is the runner's word, or the deadline."""
+        return self.report_done and (self.program_done or protocol.ENDED in self._trailers)
+
     def entries(self, key: protocol.TrailerKey) -> list[bytes]:
         """The values of the ``fig`` or ``file`` trailers, in the order they came."""
         return list(self._entries[key])

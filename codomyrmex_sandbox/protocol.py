@@ -38,6 +38,11 @@ sandbox ever sees (the runner's nonce is in the runner's memory, which the progr
     \\0<guard nonce>:file=<base64 path> <size> <sha256 hex | -> <omitted | -> <base64 content | ->\\0
     \\0<guard nonce>:files-end=<listed> <unlisted> <complete 1 | 0>\\0   (on stdout and on stderr)
 
+and, in a session, when the report is the last because the program has ended (its interpreter
+died or exited during the call), ``\\0<guard nonce>:ended=<its exit status>\\0`` on stdout before
+the end trailer: a call's report alone does not prove the call is over, since a thread of the
+interpreter can ask for it early.
+
 **Sessions.** A session keeps one sandbox and one interpreter for many calls. Its lease carries
 more than one frame. The first opens the session, with the workspace header's fields and one
 more, the session's lifetime, which lowers the init's self-destruct deadline (never raises it)::
@@ -85,15 +90,24 @@ CALL_FRAME_MAGIC: Final = "CODOMYRMEX-SC1"
 RUNNER_SESSION_MAGIC: Final = "CODOMYRMEX-SESSION1"
 RUNNER_CALL_MAGIC: Final = "CODOMYRMEX-CALL1"
 
-TrailerKey = Literal["rv", "exit", "done", "fig", "file", "files-end"]
+TrailerKey = Literal["rv", "exit", "done", "fig", "file", "files-end", "ended"]
 RETURN_VALUE: Final[TrailerKey] = "rv"
 EXIT: Final[TrailerKey] = "exit"
 DONE: Final[TrailerKey] = "done"
 FIGURE: Final[TrailerKey] = "fig"
 FILE: Final[TrailerKey] = "file"
 FILES_END: Final[TrailerKey] = "files-end"
+ENDED: Final[TrailerKey] = "ended"
 _KEYS: Final[Mapping[bytes, TrailerKey]] = MappingProxyType(
-    {b"rv": RETURN_VALUE, b"exit": EXIT, b"done": DONE, b"fig": FIGURE, b"file": FILE, b"files-end": FILES_END}
+    {
+        b"rv": RETURN_VALUE,
+        b"exit": EXIT,
+        b"done": DONE,
+        b"fig": FIGURE,
+        b"file": FILE,
+        b"files-end": FILES_END,
+        b"ended": ENDED,
+    }
 )
 
 # The keys each stream may carry under the runner's nonce; any other key is output.
@@ -106,7 +120,7 @@ STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
 # The keys each stream may carry under the init's (guard's) nonce.
 GUARD_STREAM_KEYS: Final[Mapping[str, frozenset[bytes]]] = MappingProxyType(
     {
-        "stdout": frozenset({b"file", b"files-end"}),
+        "stdout": frozenset({b"file", b"files-end", b"ended"}),
         "stderr": frozenset({b"files-end"}),
     }
 )

@@ -1088,7 +1088,9 @@ static char *base64_encode(char *into, const unsigned char *data, size_t size) {
  * milliseconds. Another process may then write to stdout between two of the init's writes: an entry
  * larger than the pipe's atomic size may be split, and the host finds it malformed (files-end's
  * count of listed entries then disagrees with what it read). The session's final collection, when
- * PROGRAM has ended during a call, kills everything first, as one-shot does.
+ * PROGRAM has ended during a call, kills everything first, as one-shot does, and writes
+ * \0<nonce>:ended=<PROGRAM's exit status>\0 on stdout before the end trailer: a call's report alone
+ * does not say that PROGRAM is over (a thread of PROGRAM can send signal 40 before its call is).
  */
 #define MAX_DEPTH 64                 /* directories below /sandbox */
 #define MAX_NAMES 200000             /* names held per directory */
@@ -1816,6 +1818,16 @@ static void collect(int status) {
         wait_for(-1, 0, now + millisecond < reaped_by ? now + millisecond : reaped_by);
     }
     walk_workspace(start, false);
+    if (lease.session) {
+        /* A session's report comes after every call; this one is the last, PROGRAM having ended.
+         * Said so, under the nonce no process knows: a call's report that a thread of PROGRAM's
+         * own asked for too early (signal 40 comes from the process, whichever thread sent it)
+         * must not read as the interpreter's death. */
+        char ended[2 + NONCE_DIGITS + 8 + 4 + 2];
+        const int length =
+            snprintf(ended, sizeof ended, "%c%s:ended=%d%c", '\0', workspace.nonce, exit_status(status), '\0');
+        if (length > 0) emit(ended, (size_t)length);
+    }
     write_end();
     wait_for_hang_up(exit_status(status));
 }

@@ -396,3 +396,33 @@ def test_the_protocol_writes_what_the_collector_reads():
         None,
         None,
     ]
+
+
+async def test_a_session_call_ends_on_the_runners_word_or_the_inits_not_on_an_early_report():
+    """A thread of a session's interpreter can make the init report a call's files before the call
+    is over: that report alone does not end the call; the runner's done does, or the init's word
+    that the interpreter has ended."""
+    nonce, guard = protocol_module.new_nonce(), protocol_module.new_nonce()
+    end = protocol_module.trailer(guard, protocol_module.FILES_END, b"0 0 1")
+    early = OutputCollector(1024, nonce, guard_nonce=guard, session=True)
+    for stream in ("stdout", "stderr"):
+        await early.feed(stream, end)
+    assert early.report_done and not early.call_done
+    for stream in ("stdout", "stderr"):
+        await early.feed(stream, protocol_module.trailer(nonce, protocol_module.DONE, b"0"))
+    assert early.call_done and early.reported_done() == 0
+
+    died = OutputCollector(1024, nonce, guard_nonce=guard, session=True)
+    await died.feed("stdout", protocol_module.trailer(guard, protocol_module.ENDED, b"137") + end)
+    await died.feed("stderr", end)
+    assert died.call_done and died.reported_done() is None and died.reported_exit() is None
+
+
+async def test_done_is_output_outside_a_session():
+    nonce = protocol_module.new_nonce()
+    collector = OutputCollector(1024, nonce)
+    forged = protocol_module.trailer(nonce, protocol_module.DONE, b"0")
+    for stream in ("stdout", "stderr"):
+        await collector.feed(stream, forged)
+    await collector.finish()
+    assert not collector.program_done and collector.text("stdout") == forged.decode().replace("\0", "\\x00")

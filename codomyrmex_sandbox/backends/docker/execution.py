@@ -72,10 +72,12 @@ async def consume(
     *,
     seconds: float,
     collect_seconds: float,
+    session: bool = False,
 ) -> Ending:
-    """Feed the collector until the init's report ends, the streams end, ``seconds`` pass or a
-    stream passes the cap. Once the runner's word has come, ``collect_seconds`` more are allowed
-    for the init's report (it has a bound of its own), whatever was left of the deadline."""
+    """Feed the collector until the init's report ends (for a session's call: `OutputCollector.call_done`),
+    the streams end, ``seconds`` pass or a stream passes the cap. Once the runner's word has come,
+    ``collect_seconds`` more are allowed for the init's report (it has a bound of its own),
+    whatever was left of the deadline."""
     ending = Ending(started=time.monotonic())
     with anyio.move_on_after(seconds) as deadline:
         async for stream, chunk in receive:
@@ -86,7 +88,7 @@ async def consume(
             if ending.program_end is None and collector.program_done:
                 ending.program_end = time.monotonic()  # the rest is the init's report: its own bound
                 deadline.deadline = max(deadline.deadline, anyio.current_time() + collect_seconds)
-            if collector.report_done:  # the sandbox has said everything about this run
+            if collector.call_done if session else collector.report_done:  # the sandbox has said everything
                 ending.done = True
                 break
         else:
@@ -170,7 +172,7 @@ async def call(
     try:
         async with anyio.create_task_group() as tg:
             tg.start_soon(connection.thread, partial(attachment.hand_over, payload))
-            ending = await consume(receive, collector, seconds=seconds, collect_seconds=collect_seconds)
+            ending = await consume(receive, collector, seconds=seconds, collect_seconds=collect_seconds, session=True)
     finally:
         if ending is None or not (ending.ended or ending.done):
             attachment.hang_up()
