@@ -17,7 +17,8 @@ import pytest
 
 from tests.support import control_engine, process_alive, text_of
 
-TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]  # what the server offers with sessions on (the default)
+# What the server offers with sessions on (the default).
+TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 

@@ -14,7 +14,8 @@ import pytest
 
 from tests.support import rss_kib
 
-TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]  # what the server offers with sessions on (the default)
+# What the server offers with sessions on (the default).
+TOOLS = ["execute_code", "create_session", "close_session", "list_sessions"]
 
 pytestmark = [pytest.mark.docker, pytest.mark.usefixtures("host_is_clean")]
 
