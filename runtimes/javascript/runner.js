@@ -17,6 +17,15 @@ const net = require('net');
 const path = require('path');
 const vm = require('vm');
 
+// Node leaves stdout and stderr non-blocking when they are pipes: a write the pipe cannot take at
+// once is queued in the process's memory. A program that writes in a loop without yielding then
+// grows to its memory limit (an output flood ends as memory_limit, not output_limit), and
+// process.exit() drops what is still queued. Blocking writes keep the program's output in order,
+// bounded by the pipe, and on its way before any trailer of the runner's.
+for (const stream of [process.stdout, process.stderr]) {
+  if (stream._handle && typeof stream._handle.setBlocking === 'function') stream._handle.setBlocking(true);
+}
+
 const SESSION_MAGIC = 'CODOMYRMEX-SESSION1';
 const CALL_MAGIC = 'CODOMYRMEX-CALL1';
 const CALL_DONE_SIGNAL = 40; // the raw number (glibc's SIGRTMIN+6): what the init waits for after a call
@@ -74,8 +83,8 @@ function sourceText(source) {
 function runOnce(nonce, length) {
   const source = readExact(length);
   // Report a deliberate exit status out of band, on stdout and stderr, so that process.exit(137) is
-  // not taken for a SIGKILL and the host knows both streams are complete. Pipes are synchronous on
-  // Linux, so everything the program wrote before is already on its way.
+  // not taken for a SIGKILL and the host knows both streams are complete. The streams block (see
+  // the top), so everything the program wrote before is already on its way.
   process.on('exit', (code) => {
     for (const fd of [1, 2]) {
       // The kernel keeps the low 8 bits of an exit status: report what the process really returns.
