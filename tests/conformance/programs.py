@@ -479,3 +479,166 @@ LOOKS_FOR_STATE = program(
         "print('found', found)"
     ),
 )
+
+
+# -- programs of the session tests (tests/conformance/test_sessions.py) ------------------------------
+
+# What a session keeps, its plays keep in `FakeRun.state` (the interpreter's variables) and
+# `FakeRun.workspace` (the working directory's files), which the fake carries from call to call of
+# one session and starts empty for every other call, as a real backend's interpreter and /sandbox.
+SESSION_NOTE = "session-note.txt"
+UNDEFINED_X = {"python": "NameError: name 'x' is not defined\n", "javascript": "ReferenceError: x is not defined\n"}
+
+
+async def sets_state(run: FakeRun) -> int:
+    """x = 41 in the interpreter, and a file beside it in the working directory."""
+    run.state["x"] = 41
+    run.workspace[SESSION_NOTE] = b"41"
+    return 0
+
+
+async def reads_state(run: FakeRun) -> int:
+    """x + 1 (Python: as the return value); where x was never set, what each language does then."""
+    language = run.job.runtime.name
+    x = run.state.get("x")
+    if not isinstance(x, int):
+        if language == "bash":  # an unset variable is 0 in arithmetic
+            await run.write("1\n")
+            return 0
+        await run.write(UNDEFINED_X[language], "stderr")
+        return 1
+    if language == "python":
+        run.return_value = repr(x + 1)
+    else:
+        await run.write(f"{x + 1}\n")
+    return 0
+
+
+async def looks_for_state(run: FakeRun) -> int:
+    x = "set" if "x" in run.state else "unset"
+    note = "present" if SESSION_NOTE in run.workspace else "absent"
+    await run.write(f"x: {x} note: {note}\n")
+    return 0
+
+
+async def leaves_the_interpreter(run: FakeRun) -> int:
+    """Writes, then leaves the interpreter with status 3 (the runner reports an exit, not a call's end)."""
+    await run.write("leaving\n")
+    run.exit_interpreter = True
+    return 3
+
+
+async def reports_stdin(run: FakeRun) -> int:
+    await run.write(f"[{run.stdin or ''}]\n")
+    return 0
+
+
+async def a_child_is_oom_killed(run: FakeRun) -> int:
+    """A process the program started dies of the OOM killer; the interpreter survives and ends its call."""
+    await run.write("after\n")
+    run.oom_killed = True
+    return 0
+
+
+async def appends_to_data(run: FakeRun) -> int:
+    run.workspace["data.txt"] = (run.workspace.get("data.txt") or b"") + b" world"
+    return 0
+
+
+SETS_STATE = program(
+    sets_state,
+    python=f"x = 41\nwith open('{SESSION_NOTE}', 'w') as note:\n    note.write('41')",
+    javascript=f"let x = 41;\nrequire('fs').writeFileSync('{SESSION_NOTE}', '41');",
+    bash=f"x=41\nprintf 41 > {SESSION_NOTE}",
+)
+READS_STATE = program(
+    reads_state,
+    python="x + 1",
+    javascript="console.log(x + 1);",
+    bash="echo $((x + 1))",
+)
+LOOKS_FOR_SESSION_STATE = program(
+    looks_for_state,
+    python=(
+        "import os\n"
+        "print('x:', 'set' if 'x' in globals() else 'unset',\n"
+        f"      'note:', 'present' if os.path.exists('{SESSION_NOTE}') else 'absent')"
+    ),
+    javascript=(
+        "console.log('x:', typeof x === 'undefined' ? 'unset' : 'set',\n"
+        f"            'note:', require('fs').existsSync('{SESSION_NOTE}') ? 'present' : 'absent');"
+    ),
+    bash=(
+        '[ -n "${x+set}" ] && seen=set || seen=unset\n'
+        f"[ -e {SESSION_NOTE} ] && note=present || note=absent\n"
+        'echo "x: $seen note: $note"'
+    ),
+)
+FAILS = program(
+    writes(stderr="session boom\n", exit_code=1),
+    python="raise RuntimeError('session boom')",
+    javascript="throw new Error('session boom');",
+    bash="echo 'session boom' >&2\nfalse",
+)
+APPENDS_TO_DATA = program(
+    appends_to_data,
+    python="with open('data.txt', 'a') as data:\n    data.write(' world')",
+    javascript="require('fs').appendFileSync('data.txt', ' world');",
+    bash="printf ' world' >> data.txt",
+)
+LEAVES_THE_INTERPRETER = program(
+    leaves_the_interpreter,
+    python="import sys\nprint('leaving')\nsys.exit(3)",
+    javascript="console.log('leaving');\nprocess.exit(3);",
+    bash="echo leaving\nexit 3",
+)
+REPORTS_STDIN = program(
+    reports_stdin,
+    python="import sys\nprint('[' + sys.stdin.read() + ']')",
+    javascript="console.log('[' + require('fs').readFileSync(0, 'utf8') + ']');",
+    bash='echo "[$(cat)]"',
+)
+# FLOODS_STDOUT's JavaScript never yields: once the pipe is full, Node queues each write in memory
+# (its stdout pipe is non-blocking), and when the host has not read the first 64 KiB before the
+# second write, nothing more leaves the process and it ends at the memory limit, not the output cap.
+# This flood waits for the pipe to drain, as a program that writes a lot should, so its output passes
+# the cap whatever the timing.
+FLOODS_STDOUT_AS_THE_PIPE_DRAINS = program(
+    floods("stdout", "x"),
+    javascript=(
+        "(async () => {\n"
+        "  const chunk = 'x'.repeat(65536);\n"
+        "  for (;;) {\n"
+        "    if (!process.stdout.write(chunk)) await new Promise((resolve) => process.stdout.once('drain', resolve));\n"
+        "  }\n"
+        "})();"
+    ),
+)
+LOOPS_FOREVER_IN_BASH = program(sleeps_forever(), bash="while :; do :; done")  # LOOPS_FOREVER has no bash
+OOM_KILLS_A_CHILD = program(
+    a_child_is_oom_killed,
+    # tail keeps the whole of a line it has not seen the end of: 400 MiB without a newline.
+    bash="head -c 400M /dev/zero | tail -n 1 > /dev/null\necho after",
+)
+SESSION_WAITING_MARKER = "60.9001"
+WAITS_IN_A_SESSION = program(
+    sleeps_forever(marker=SESSION_WAITING_MARKER),
+    python=f"import subprocess\nsubprocess.run(['sleep', '{SESSION_WAITING_MARKER}'])",
+    javascript=f"require('child_process').execFileSync('sleep', ['{SESSION_WAITING_MARKER}']);",
+    bash=f"sleep {SESSION_WAITING_MARKER}",
+)
+SESSION_DAEMON_MARKER = "1000.9001"
+STARTS_A_BACKGROUND_PROCESS = program(
+    not_played("the fake runs no processes: nothing a play starts can outlive its call"),
+    python=(
+        "import subprocess\n"
+        f"subprocess.Popen(['sleep', '{SESSION_DAEMON_MARKER}'], start_new_session=True, stdin=subprocess.DEVNULL,\n"
+        "                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+        "print('started')"
+    ),
+    javascript=(
+        f"require('child_process').spawn('sleep', ['{SESSION_DAEMON_MARKER}'], {{detached: true, stdio: 'ignore'}})"
+        ".unref();\nconsole.log('started');"
+    ),
+    bash=f"setsid sleep {SESSION_DAEMON_MARKER} > /dev/null 2>&1 < /dev/null &\necho started",
+)
