@@ -7,7 +7,7 @@ import re
 from collections.abc import Mapping
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
@@ -140,8 +140,14 @@ class ToolArguments(BaseModel):
         return {
             name: value
             for name, value in data.items()
-            if value is not None or name not in fields or fields[name].is_required()
+            if name not in fields
+            or fields[name].is_required()
+            or not (value is None or (value == "" and name in cls._EMPTY_MEANS_THE_DEFAULT))
         }
+
+    # Optional string arguments where "" can only mean "not set": what a model bound by a
+    # strict-mode schema (every field required) sends for them (`ExecutionRequest.language`, ...).
+    _EMPTY_MEANS_THE_DEFAULT: ClassVar[frozenset[str]] = frozenset()
 
 
 ArgumentsT = TypeVar("ArgumentsT", bound=ToolArguments)
@@ -231,10 +237,15 @@ class SessionState(BaseModel):
 class ExecutionRequest(ToolArguments):
     """What a caller asks to run. Bounds that depend on the operator's policy are checked by the policy.
 
+    An empty ``language`` is the default (in a session, the session's), an empty ``session_id`` no
+    session: strict-mode clients send every field.
+
     The tool's input schema is generated from this model: its descriptions are templates over the
     policy's fields (`LimitPolicy`), and `FROM_SETTINGS` says which of the operator's values bound a field.
     An optional field's description states its default (the schema carries no ``default`` keyword).
     """
+
+    _EMPTY_MEANS_THE_DEFAULT: ClassVar[frozenset[str]] = frozenset({"language", "session_id"})
 
     code: str = Field(
         description="The program to run, UTF-8 source of at most {max_code_bytes} bytes.",
@@ -271,8 +282,7 @@ class ExecutionRequest(ToolArguments):
         "come back in the result's files, and Python's matplotlib figures in its figures.",
         json_schema_extra={FROM_SETTINGS: {"maxItems": "max_input_files"}},
     )
-    # An empty id is no session: a model bound by a strict-mode schema (every field required) sends "".
-    session_id: Annotated[str | None, BeforeValidator(lambda value: None if value == "" else value)] = Field(
+    session_id: str | None = Field(
         default=None,
         description="Run in this session (from create_session), whose interpreter keeps variables, imports, "
         "functions, the current directory and files from call to call. Default none: a fresh sandbox that "
@@ -495,6 +505,8 @@ def request_from_arguments(arguments: Mapping[str, Any]) -> ExecutionRequest:
 
 class CreateSessionRequest(ToolArguments):
     """What `create_session` asks for. Bounds that depend on the operator's policy are checked by it."""
+
+    _EMPTY_MEANS_THE_DEFAULT: ClassVar[frozenset[str]] = frozenset({"language"})
 
     language: str = Field(
         default="python",

@@ -172,7 +172,8 @@ class SessionRegistry:
             )
         raise SessionNotFoundError(
             f"no open session with id {session_id[:80]!r} for this client; create one with create_session, or "
-            "call execute_code without session_id. list_sessions shows this client's open sessions."
+            "call execute_code without session_id. list_sessions shows this client's open sessions. A session "
+            "ends with the MCP connection that created it: a client that starts a server per call cannot keep one."
         )
 
     def remove(self, session: Session, why: str) -> bool:
