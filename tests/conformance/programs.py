@@ -481,7 +481,7 @@ LOOKS_FOR_STATE = program(
 )
 
 
-# -- programs of the session tests (tests/conformance/test_sessions.py) ------------------------------
+# -- programs of the session tests (tests/conformance/test_session_contract.py) ------------------------------
 
 # What a session keeps, its plays keep in `FakeRun.state` (the interpreter's variables) and
 # `FakeRun.workspace` (the working directory's files), which the fake carries from call to call of
