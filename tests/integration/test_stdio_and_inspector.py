@@ -63,7 +63,7 @@ async def test_tools_list_describes_execute_code_with_its_bounds(stdio, settings
     assert schema["required"] == ["code"]
     assert portable_schema_problems(schema) == []
     properties = schema["properties"]
-    assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb", "files"}
+    assert set(properties) == {"code", "language", "stdin", "timeout_seconds", "memory_mb", "files", "session_id"}
     assert {name: spec["type"] for name, spec in properties.items()} == {
         "code": "string",
         "language": "string",
@@ -71,6 +71,7 @@ async def test_tools_list_describes_execute_code_with_its_bounds(stdio, settings
         "timeout_seconds": "number",
         "memory_mb": "integer",
         "files": "array",
+        "session_id": "string",
     }
     assert properties["files"]["items"]["required"] == ["path", "content"]
     assert not any("default" in spec for spec in properties.values())
