@@ -290,9 +290,10 @@ class Sandbox:
                 self.sessions.touched()
                 try:
                     outcome = await session.backend.execute(job)
-                except BaseException:
+                except BaseException as exc:  # the interpreter's state is unknown: the session is over
+                    why = "failed" if isinstance(exc, Exception) else "cancelled"  # an engine error, or the caller
                     with anyio.CancelScope(shield=True):
-                        await self._end_session(session, "cancelled")
+                        await self._end_session(session, why)
                     raise
                 finally:
                     session.running = False

@@ -567,8 +567,8 @@ print("wrote")
 # A thread of the interpreter signals as the interpreter's own process (the kernel names the
 # sender's process, not its thread): the init then reports a call's files before the call is over.
 # That report alone does not end the call (the init says "ended" only when the interpreter has
-# ended); the call ends on the runner's done. What the call wrote after that early report is
-# listed with the next call: every file is reported once, at worst one call late.
+# ended); the call ends on the runner's done. What the call wrote or changed after that early
+# report is listed with the next call: at worst one call late, never lost.
 @pytest.mark.parametrize("sender", ["child", "thread"])
 async def test_signal_40_sent_at_will_does_not_change_what_a_later_call_reports(server: Server, sender: str) -> None:
     """SESS-05c"""
@@ -584,10 +584,12 @@ async def test_signal_40_sent_at_will_does_not_change_what_a_later_call_reports(
         assert wrote["files_complete"] is not False
         assert quiet["status"] == "success" and quiet["stdout"] == "quiet\n", quiet
         assert quiet["session"]["state"] == "kept"
-        listed = [f["path"] for f in wrote["files"]] + [f["path"] for f in quiet["files"]]
         if sender == "child":  # a child's signals are ignored: the call's own report lists it all
             assert sorted(f["path"] for f in wrote["files"]) == ["early.txt", "late.txt"], wrote["files"]
-        assert sorted(listed) == ["early.txt", "late.txt"], (wrote["files"], quiet["files"])
+        # An early report may catch a file half written; what changed after it is listed with the next
+        # call. Nothing is lost: the last listing of each file is its final content.
+        final = {f["path"]: f["text"] for f in [*wrote["files"], *quiet["files"]]}
+        assert final == {"early.txt": "early", "late.txt": "late"}, (wrote["files"], quiet["files"])
 
 
 async def test_signal_40_from_a_thread_of_the_interpreter_at_worst_ends_the_session_never_a_false_result(

@@ -967,3 +967,26 @@ async def test_a_strict_mode_client_that_sends_every_field_can_use_a_session() -
         }
         result = await sandbox.execute_arguments(call)
         assert result.session is not None and result.session.state == "kept"
+
+
+async def test_an_engine_failure_during_a_call_ends_the_session_as_failed() -> None:
+    """A call the backend could not finish (an engine error) leaves the interpreter in an unknown
+    state: the error reaches the caller, and the session ends, its owner told why ("failed")."""
+    from codomyrmex_sandbox.errors import BackendError  # noqa: PLC0415 - only here
+
+    async def engine_goes_away(run: FakeRun) -> int:
+        if run.code == "x = 1":
+            return 0
+        raise BackendError("the engine went away (fake)")
+
+    async with Sandbox(Settings.load(backend="fake"), backend=FakeBackend(engine_goes_away)) as sandbox:
+        created = await sandbox.create_session()
+        await sandbox.execute("x = 1", session_id=created.session_id)
+        raised = False
+        try:  # the fake plays the program in a task group: its error may come out wrapped in a group
+            await sandbox.execute("x", session_id=created.session_id)
+        except* BackendError:
+            raised = True
+        assert raised
+        with pytest.raises(SessionNotFoundError, match=r"has ended \(failed\)"):
+            await sandbox.execute("x", session_id=created.session_id)
