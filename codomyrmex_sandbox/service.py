@@ -181,11 +181,7 @@ class Sandbox:
             "memory_mb": memory_mb,
             "session_id": session_id,
         }
-        uploads: list[UploadedFile] | None = None
-        if isinstance(files, Mapping):  # bytes stay bytes: no base64 round trip for the Python API
-            uploads = python_uploads(files)
-        else:
-            arguments["files"] = None if files is None else [_entry(entry) for entry in files]
+        uploads = _files_argument(arguments, files)
         return await self._execute(arguments, on_output, client, owner, uploads)
 
     async def execute_arguments(
@@ -317,9 +313,8 @@ class Sandbox:
     async def _wait_for_session(self, session: Session) -> None:
         """Take the session's turn (FIFO); a call waits as long as the running one may still take, and
         the queue's own wait, then it is refused as busy."""
-        bound = session.limits.timeout_seconds
-        bound = max(bound, self.policies[session.language].max_timeout_seconds) + self.settings.max_queue_wait_seconds
-        with anyio.move_on_after(bound + self.settings.files_collect_seconds + 5):
+        running = self.policies[session.language].max_timeout_seconds + self.settings.files_collect_seconds + 5
+        with anyio.move_on_after(running + self.settings.max_queue_wait_seconds):
             await session.lock.acquire()
             return
         raise ServerBusyError(
@@ -327,18 +322,16 @@ class Sandbox:
             "time. Retry once it has returned."
         )
 
-    async def _end_session(self, session: Session, why: str) -> None:
-        """Remove a session's sandbox and write its end record (once, whoever ends it)."""
+    async def _end_session(self, session: Session, why: str) -> ResourceUsage | None:
+        """Remove a session's sandbox and write its end record, once, whoever ends it; the whole
+        session's usage (None when it had ended already, or is not known)."""
         if not self.sessions.remove(session, why):
-            return
+            return None
         with anyio.CancelScope(shield=True):
             try:
                 usage = await session.backend.close()
             except SandboxError:
                 usage = None
-        self._write_session_end(session, why, usage)
-
-    def _write_session_end(self, session: Session, why: str, usage: ResourceUsage | None) -> None:
         self.audit.write(
             "audit.session_ended",
             session_id=session.session_id,
@@ -350,6 +343,7 @@ class Sandbox:
             usage=None if usage is None else usage.model_dump(),
             calls_cpu_time_ms=round(session.cpu_time_ms, 3),
         )
+        return usage
 
     async def close_sessions_of(self, owner: str, why: str) -> None:
         """End every session of ``owner`` now (its connection went away), running calls included."""
@@ -384,11 +378,7 @@ class Sandbox:
             "memory_mb": memory_mb,
             "idle_timeout_seconds": idle_timeout_seconds,
         }
-        uploads: list[UploadedFile] | None = None
-        if isinstance(files, Mapping):
-            uploads = python_uploads(files)
-        else:
-            arguments["files"] = None if files is None else [_entry(entry) for entry in files]
+        uploads = _files_argument(arguments, files)
         return await self.create_session_arguments(arguments, client=client, owner=owner, uploads=uploads)
 
     async def create_session_arguments(
@@ -479,11 +469,7 @@ class Sandbox:
         session = self.sessions.get(request.session_id, owner or self.local_owner)
         await self._wait_for_session(session)
         try:
-            usage = None
-            if self.sessions.remove(session, "closed"):
-                with anyio.CancelScope(shield=True):
-                    usage = await session.backend.close()
-                self._write_session_end(session, "closed", usage)
+            usage = await self._end_session(session, "closed")
         finally:
             session.lock.release()
         return ClosedSession(session_id=session.session_id, calls=session.calls, usage=usage)
@@ -533,6 +519,15 @@ def python_uploads(files: Mapping[str, bytes | str]) -> list[UploadedFile]:
             )
         uploads.append(UploadedFile(path, data))
     return uploads
+
+
+def _files_argument(arguments: dict[str, Any], files: FilesArgument | None) -> list[UploadedFile] | None:
+    """The Python API's ``files``: a mapping becomes uploads as they are (bytes stay bytes, no base64
+    round trip); the tool's entries go into ``arguments``, to be validated as the tool's are."""
+    if isinstance(files, Mapping):
+        return python_uploads(files)
+    arguments["files"] = None if files is None else [_entry(entry) for entry in files]
+    return None
 
 
 def _entry(entry: InputFile | Mapping[str, Any]) -> Any:  # noqa: ANN401 - validated as a tool argument

@@ -88,6 +88,8 @@ async def test_state_is_carried_across_calls_over_stdio(stdio, language: str):
         closed = await tool(mcp.client, "close_session", {"session_id": created["session_id"]})
         assert not closed.is_error and closed.structured_content is not None
         assert closed.structured_content["calls"] == 3
+        # The whole session's usage, read before its sandbox went (accounting works on these machines).
+        assert closed.structured_content["usage"]["cpu_time_ms"] > 0, closed.structured_content
 
 
 @pytest.mark.parametrize(

@@ -95,12 +95,12 @@ class DockerBackend:
         sizes = dict.fromkeys(runtimes, settings.pool_size)
         # Sessions' sandboxes live long (their self-destruct covers a session's whole lifetime), so
         # they have a pool of their own, which starts nothing until a language's first session.
-        self._session_lifetime = settings.pool_max_age_seconds + settings.session_max_lifetime_seconds
+        session_lifetime = settings.pool_max_age_seconds + settings.session_max_lifetime_seconds
         self.session_pool: WarmPool[Box] | None = (
             WarmPool(
                 dict.fromkeys(runtimes, settings.session_pool_size),
                 settings.pool_max_age_seconds,
-                self._prepare_session_member,
+                partial(self._prepare_warm, lifetimes=dict.fromkeys(runtimes, session_lifetime)),
                 self._discard,
                 idle_start=math.inf,
             )
@@ -112,7 +112,7 @@ class DockerBackend:
             WarmPool(
                 sizes,
                 settings.pool_max_age_seconds,
-                self._prepare_warm,
+                partial(self._prepare_warm, lifetimes=self._pool_lifetimes),
                 self._discard,
                 idle_start=settings.pool_idle_start_seconds,
                 at_start={DEFAULT_LANGUAGE: 1},
@@ -287,13 +287,6 @@ class DockerBackend:
             discard=self._discard_soon,
         )
 
-    async def _prepare_session_member(self, language: str) -> Box:
-        """A session pool member: default limits, and a self-destruct that covers its idle age and a session."""
-        runtime = self._runtimes[language]
-        await self._version_of(runtime)
-        limits = self._pool_limits[language]
-        return await self._prepare(runtime, limits, lifetime=self._session_lifetime, label=POOL_EXECUTION)
-
     async def _version_of(self, runtime: RuntimeSpec) -> str:
         version = self._versions.get(runtime.name)
         if version is None:
@@ -323,12 +316,13 @@ class DockerBackend:
             raise
         return dataclasses.replace(box, memory_mb=memory_mb)
 
-    async def _prepare_warm(self, language: str) -> Box:
-        """A pool member: default limits, and a self-destruct that covers its idle age and any timeout."""
+    async def _prepare_warm(self, language: str, *, lifetimes: Mapping[str, float]) -> Box:
+        """A member of a pool: default limits, and a self-destruct after ``lifetimes[language]`` (the
+        pool's idle age and any timeout; for the session pool, its idle age and a whole session)."""
         runtime = self._runtimes[language]
         await self._version_of(runtime)
         limits = self._pool_limits[language]
-        return await self._prepare(runtime, limits, lifetime=self._pool_lifetimes[language], label=POOL_EXECUTION)
+        return await self._prepare(runtime, limits, lifetime=lifetimes[language], label=POOL_EXECUTION)
 
     async def _prepare(self, runtime: RuntimeSpec, limits: Limits, *, lifetime: float, label: str) -> Box:
         """Create, attach to and start a sandbox; its runner then waits for code on stdin."""

@@ -98,8 +98,8 @@ class DockerSession:
             await self._end()
             raise
         if ending.done and collector.reported_done() == 0:
-            self._usage = await self._read_usage()
-            self._oom_kills = await self._read_oom_kills() or 0
+            self._usage, kills = await self._counters()
+            self._oom_kills = kills or 0
             return
         await self.close()
         output = (collector.text("stderr") or collector.text("stdout")).strip()[-500:]
@@ -134,7 +134,7 @@ class DockerSession:
         self._calling = False
         if self._ended:  # closed while the call ran (the server stopping): the call saw the streams end
             self._receive.close()
-        after, kills = (await self._read_usage(), await self._read_oom_kills()) if ending.done else (None, None)
+        after, kills = await self._counters() if ending.done else (None, None)
         usage = _call_usage(before, after, None if kills is None else kills - self._oom_kills)
         oom = kills is not None and kills > self._oom_kills
         done, exited = collector.reported_done(), collector.reported_exit()
@@ -160,7 +160,7 @@ class DockerSession:
 
     async def close(self) -> ResourceUsage | None:
         """End the session now; the whole session's usage, read before the sandbox goes."""
-        usage = await self._read_usage() if not self._ended else self._usage
+        usage = (await self._counters())[0] if not self._ended else self._usage
         await self._end()
         return usage
 
@@ -177,21 +177,19 @@ class DockerSession:
         with anyio.CancelScope(shield=True):
             await self._parts.discard(self._box)
 
-    async def _read_usage(self) -> ResourceUsage | None:
-        accounting, parent = self._parts.accounting, self._box.parent
+    async def _counters(self) -> tuple[ResourceUsage | None, int | None]:
+        """The kernel's counters of the sandbox, read in one worker thread: its usage so far and its
+        OOM kill count; (None, None) where accounting is not readable."""
+        accounting, parent, cid = self._parts.accounting, self._box.parent, self._box.cid
         if accounting is None or parent is None:
-            return None
-        with anyio.CancelScope(shield=True):
-            usage: ResourceUsage | None = await self._parts.connection.call(accounting.read, parent)
-        return usage
+            return None, None
 
-    async def _read_oom_kills(self) -> int | None:
-        accounting, parent = self._parts.accounting, self._box.parent
-        if accounting is None or parent is None:
-            return None
+        def read() -> tuple[ResourceUsage | None, int | None]:
+            return accounting.read(parent), accounting.oom_kills(parent, cid)
+
         with anyio.CancelScope(shield=True):
-            kills: int | None = await self._parts.connection.call(accounting.oom_kills, parent, self._box.cid)
-        return kills
+            counters: tuple[ResourceUsage | None, int | None] = await self._parts.connection.call(read)
+        return counters
 
     def _collector(self, nonce: str, guard_nonce: str, job: Job | None) -> OutputCollector:
         limits = self._limits
