@@ -44,6 +44,7 @@ from typing import Any, Self
 from codomyrmex_sandbox.backends.base import Job
 from codomyrmex_sandbox.errors import InvalidRequestError, ServerBusyError
 from codomyrmex_sandbox.logs import get_logger
+from codomyrmex_sandbox.metrics import Metrics, reason_of
 from codomyrmex_sandbox.models import ExecutionRequest, ExecutionResult
 
 AUDIT_LOGGER = "codomyrmex_sandbox.audit"
@@ -93,8 +94,9 @@ def outcome_of(error: BaseException | None) -> Outcome:
 class AuditLog:
     """Writes audit records to stderr (always) and to an append-only JSON Lines file (if configured)."""
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, metrics: Metrics | None = None) -> None:
         self.path = path
+        self.metrics = metrics  # fed by each execution's end record
         self._fd: int | None = None
         self._lock = threading.Lock()
 
@@ -115,9 +117,12 @@ class AuditLog:
                 os.close(self._fd)
                 self._fd = None
 
-    def execution(self, language: str, client: str | None, *, session_id: str | None = None) -> ExecutionAudit:
-        """The audit trail of one new call, under a fresh execution id; use it as a context manager."""
-        return ExecutionAudit(self, uuid.uuid4().hex, language[:40], client, session_id)
+    def execution(
+        self, language: str, client: str | None, *, principal: str | None = None, session_id: str | None = None
+    ) -> ExecutionAudit:
+        """The audit trail of one new call, under a fresh execution id; use it as a context manager.
+        ``principal`` is who made the call over HTTP (None over stdio and the Python API)."""
+        return ExecutionAudit(self, uuid.uuid4().hex, language[:40], client, session_id, principal)
 
     def write(self, event: str, **fields: Any) -> None:  # noqa: ANN401
         """Write one record. The service writes only through `execution`, which keeps the schema's records."""
@@ -146,10 +151,17 @@ class ExecutionAudit:
     without a result writes the end record of the `Outcome` that the exception (or its absence) maps to.
     """
 
-    def __init__(
-        self, log: AuditLog, execution_id: str, language: str, client: str | None, session_id: str | None = None
+    def __init__(  # noqa: PLR0917 - the record's fields
+        self,
+        log: AuditLog,
+        execution_id: str,
+        language: str,
+        client: str | None,
+        session_id: str | None = None,
+        principal: str | None = None,
     ) -> None:
         self.execution_id = execution_id
+        self.principal = principal
         self.session_id = session_id  # the session the call names, if any (the records carry it)
         self.language = language  # a request's, at most 40 characters, or "python" when it names none
         self.outcome: Outcome | None = None
@@ -182,6 +194,7 @@ class ExecutionAudit:
             "audit.execution_started",
             execution_id=job.execution_id,
             client=self._client,
+            principal=self.principal,
             session_id=self.session_id,
             language=self._request.language if self._request is not None else self.language,
             code_sha256=code_digest(job.code),
@@ -202,6 +215,7 @@ class ExecutionAudit:
             "audit.execution",
             execution_id=result.execution_id,
             client=self._client,
+            principal=self.principal,
             session_id=self.session_id,
             call_index=None if result.session is None else result.session.call_index,
             session_state=None if result.session is None else result.session.state,
@@ -222,6 +236,8 @@ class ExecutionAudit:
             figures_out=files_summary((entry.sha256, entry.size_bytes) for entry in result.figures),
             files_complete=result.files_complete,
         )
+        if self._log.metrics is not None:
+            self._log.metrics.executed(result.language, result.status.value, result.duration_ms / 1000)
 
     def _ended(self, outcome: Outcome, error: BaseException | None) -> None:
         self.outcome = outcome
@@ -235,12 +251,20 @@ class ExecutionAudit:
             "audit.execution",
             execution_id=self.execution_id,
             client=self._client,
+            principal=self.principal,
             session_id=self.session_id,
             language=self.language,
             requested=requested_limits(self._request),
             status=outcome.value,
             reason=reason,
         )
+        metrics = self._log.metrics
+        if metrics is None:
+            return
+        if outcome in {Outcome.DENIED, Outcome.BUSY}:
+            metrics.refused(reason_of(error))
+        else:
+            metrics.executed(self.language, outcome.value, None)
 
 
 _TAIL_BLOCK = 65_536

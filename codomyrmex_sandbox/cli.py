@@ -1,6 +1,10 @@
 """The console script ``codomyrmex-sandbox``.
 
     codomyrmex-sandbox [serve]            serve MCP over stdio (the default)
+    codomyrmex-sandbox serve --transport http [--host H] [--port P]
+                                          serve MCP over streamable HTTP at /mcp
+    codomyrmex-sandbox auth new-token NAME
+                                          make a bearer token for the HTTP transport
     codomyrmex-sandbox run FILE|-         run code once and print the result
     codomyrmex-sandbox doctor             check the engine, the images and the policy
     codomyrmex-sandbox runtimes build     build the runtime images
@@ -65,7 +69,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _serve_command(settings: Settings, _args: argparse.Namespace) -> int:
+def _serve_command(settings: Settings, args: argparse.Namespace) -> int:
+    overrides: dict[str, object] = {}
+    for option, setting in (("transport", "transport"), ("host", "http_host"), ("port", "http_port")):
+        if getattr(args, option, None) is not None:
+            overrides[setting] = getattr(args, option)
+    if getattr(args, "insecure_no_auth", False):
+        overrides["insecure_no_auth"] = True
+    if overrides:
+        from codomyrmex_sandbox.settings import Settings  # noqa: PLC0415 - see the imports above
+
+        settings = Settings.load(args.config, **overrides)
+    if settings.transport == "http":
+        from codomyrmex_sandbox.http_server import check_http_settings  # noqa: PLC0415 - only HTTP needs it
+
+        check_http_settings(settings)  # before anything starts: a refused configuration starts nothing
     anyio.run(_serve, settings)
     # Every sandbox is removed and every record written. Worker threads may still be blocked (on
     # stdin from a client that never closed it, after a signal; on the engine's answer for a sandbox
@@ -100,7 +118,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", type=Path, help="a TOML settings file (environment variables override it)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at the configured level on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("serve", help="serve MCP over stdio (the default)")
+    serve = commands.add_parser("serve", help="serve MCP over stdio (the default) or streamable HTTP")
+    serve.add_argument("--transport", choices=("stdio", "http"), help="stdio (default) or http (serves /mcp)")
+    serve.add_argument("--host", help="HTTP: the address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="HTTP: the port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="HTTP: no authentication, every caller is 'anonymous'; loopback addresses only, for development",
+    )
+    auth = commands.add_parser("auth", help="manage bearer tokens for the HTTP transport")
+    auth_commands = auth.add_subparsers(dest="auth_command", metavar="ACTION", required=True)
+    token = auth_commands.add_parser(
+        "new-token", help="print a new random token (once) and the line that admits it to auth_tokens_file"
+    )
+    token.add_argument("name", help="the principal's name (letters, digits, '.', '_', '@', '-'; up to 64)")
+    token.add_argument(
+        "--append", type=Path, metavar="FILE", help="also append the line to FILE (created with mode 0600)"
+    )
     run = commands.add_parser("run", help="run code once and print the result")
     run.add_argument("file", help="the program to run, or - for standard input")
     run.add_argument("--language", "-l", default="python", help="the runtime (default: python)")
@@ -158,6 +193,12 @@ async def _serve(settings: Settings) -> None:
     from codomyrmex_sandbox.service import Sandbox  # noqa: PLC0415 - see the imports above
 
     sandbox = Sandbox(settings)  # before the thread starts: it imports the backend, here
+    if settings.transport == "http":
+        from codomyrmex_sandbox.http_server import serve_http  # noqa: PLC0415 - only HTTP needs it
+
+        async with sandbox:  # closing it removes every sandbox, after the drain
+            await serve_http(sandbox)
+        return
     with ThreadPoolExecutor(1, thread_name_prefix="import-mcp") as imports:
         stdio = imports.submit(importlib.import_module, "codomyrmex_sandbox.stdio")
         async with sandbox, anyio.create_task_group() as tg:
@@ -305,8 +346,27 @@ def console_script_path() -> Path:
     return script.resolve()
 
 
+def _auth_command(_settings: Settings, args: argparse.Namespace) -> int:
+    """`auth new-token NAME`: the token on stdout's first line, the file's line on the second."""
+    from codomyrmex_sandbox.auth import new_token  # noqa: PLC0415 - only this command needs it
+
+    token, line = new_token(args.name)
+    if args.append is not None:
+        fd = os.open(args.append, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8") as tokens:
+            tokens.write(line + "\n")
+    sys.stdout.write(f"{token}\n{line}\n")
+    where = f"appended to {args.append}" if args.append is not None else "add the second line to auth_tokens_file"
+    sys.stderr.write(
+        f"codomyrmex-sandbox: the first line is the bearer token for {args.name!r}; it is shown only now and "
+        f"never stored (only its SHA-256 is). {where}; clients send `Authorization: Bearer <token>`.\n"
+    )
+    return 0
+
+
 _COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "serve": _serve_command,
+    "auth": _auth_command,
     "run": _run_command,
     "doctor": _doctor_command,
     "runtimes": _runtimes,

@@ -11,6 +11,9 @@ requests, the OS) are translated at the backend boundary, so callers never catch
     ├── RuntimeUnavailableError      the runtime's image is missing or stale: build it
     ├── EngineUnavailableError       the isolation engine cannot be reached
     ├── ServerBusyError              too many executions at once: retry later
+    │   ├── PrincipalBusyError       this principal has its share of the slots already (HTTP)
+    │   ├── SessionLimitError        too many sessions open
+    │   └── ShuttingDownError        the server drains (SIGTERM) and takes no new calls
     └── BackendError                 the engine failed while preparing or tearing down a sandbox
 
 A program that ran and failed (an exception, a timeout, the memory limit) is not an error:
@@ -69,6 +72,14 @@ class EngineUnavailableError(SandboxError):
 
 class ServerBusyError(SandboxError):
     """Every execution slot is taken and the queue is full or the wait ran out."""
+
+
+class PrincipalBusyError(ServerBusyError):
+    """An HTTP principal already holds max_concurrent_executions_per_principal slots and queue places."""
+
+
+class ShuttingDownError(ServerBusyError):
+    """The server is draining before it exits: no new calls, none from the queue."""
 
 
 class BackendError(SandboxError):

@@ -43,6 +43,7 @@ from codomyrmex_sandbox.models import (
     validate_arguments,
 )
 from codomyrmex_sandbox.output import StreamName
+from codomyrmex_sandbox.principals import SCOPE_KEY, Principal
 from codomyrmex_sandbox.schema import input_schema
 from codomyrmex_sandbox.service import Sandbox
 from codomyrmex_sandbox.workspace import IMAGE_TYPES
@@ -56,6 +57,7 @@ STREAM_INTERVAL_SECONDS = 0.1
 STREAM_MESSAGE_CHARS = 16_384
 STREAM_BACKLOG_CHARS = 65_536
 CONTENT_OFF_LOOP_BYTES = 256 * 1024
+STREAM_CLOSE_SECONDS = 5.0
 
 
 def tool_description(sandbox: Sandbox) -> str:
@@ -180,7 +182,8 @@ def build_server(sandbox: Sandbox) -> Server[Any]:
 
     Sessions belong to the connection that created them: each connection gets an owner token of its
     own (random, from the server's lifespan, which the SDK enters once per connection), which no
-    other connection can present; when the connection ends, so do its sessions.
+    other connection can present; when the connection ends, so do its sessions. Over HTTP (a request
+    in the context) they belong to the request's principal, which the HTTP app put in the scope.
     """
     tools = [build_tool(sandbox), *session_tools(sandbox)]
     names = [tool.name for tool in tools]
@@ -196,9 +199,21 @@ def build_server(sandbox: Sandbox) -> Server[Any]:
             with anyio.CancelScope(shield=True):
                 await sandbox.close_sessions_of(owner, "disconnected")
 
-    def owner_of(ctx: ServerRequestContext[Any]) -> str:
-        owner: str = ctx.lifespan_context[OWNER]
-        return owner
+    def caller_of(ctx: ServerRequestContext[Any]) -> tuple[str, Principal | None]:
+        """Who owns the sessions a call may use, and its principal (over HTTP only)."""
+        if ctx.request is None:  # stdio, in-process
+            owner: str = ctx.lifespan_context[OWNER]
+            return owner, None
+        scope = getattr(ctx.request, "scope", None)
+        principal = scope.get(SCOPE_KEY) if isinstance(scope, dict) else None
+        if not isinstance(principal, Principal):
+            # An HTTP app without our authentication in front: refuse rather than share state.
+            raise MCPError(
+                code=types.INVALID_REQUEST,
+                message="this HTTP endpoint names no principal; serve it with "
+                "`codomyrmex-sandbox serve --transport http`",
+            )
+        return principal.key, principal
 
     async def list_tools(
         _ctx: ServerRequestContext[Any], _params: types.PaginatedRequestParams | None
@@ -207,13 +222,14 @@ def build_server(sandbox: Sandbox) -> Server[Any]:
 
     async def call_tool(ctx: ServerRequestContext[Any], params: types.CallToolRequestParams) -> types.CallToolResult:
         arguments = params.arguments or {}
-        if params.name == TOOL_NAME:
-            return await _call_execute(sandbox, ctx, arguments, owner_of(ctx))
         if params.name not in names:
             raise MCPError(
                 code=types.INVALID_PARAMS, message=f"unknown tool {params.name!r}; use one of: {', '.join(names)}"
             )
-        return await _call_session_tool(sandbox, ctx, params.name, arguments, owner_of(ctx))
+        owner, principal = caller_of(ctx)
+        if params.name == TOOL_NAME:
+            return await _call_execute(sandbox, ctx, arguments, owner, principal)
+        return await _call_session_tool(sandbox, ctx, params.name, arguments, owner, principal)
 
     return Server(
         "codomyrmex-sandbox",
@@ -225,16 +241,21 @@ def build_server(sandbox: Sandbox) -> Server[Any]:
     )
 
 
-async def _call_session_tool(
-    sandbox: Sandbox, ctx: ServerRequestContext[Any], name: str, arguments: dict[str, Any], owner: str
+async def _call_session_tool(  # noqa: PLR0917 - the call and who makes it
+    sandbox: Sandbox,
+    ctx: ServerRequestContext[Any],
+    name: str,
+    arguments: dict[str, Any],
+    owner: str,
+    principal: Principal | None,
 ) -> types.CallToolResult:
     client = _client_name(ctx)
     outcome: BaseModel
     try:
         if name == CREATE_SESSION:
-            outcome = await sandbox.create_session_arguments(arguments, client=client, owner=owner)
+            outcome = await sandbox.create_session_arguments(arguments, client=client, owner=owner, principal=principal)
         elif name == CLOSE_SESSION:
-            outcome = await sandbox.close_session_arguments(arguments, owner=owner, client=client)
+            outcome = await sandbox.close_session_arguments(arguments, owner=owner, client=client, principal=principal)
         else:
             validate_arguments(ListSessionsRequest, arguments)
             outcome = sandbox.list_sessions(owner=owner)
@@ -265,7 +286,7 @@ def _session_text(name: str, structured: dict[str, Any]) -> str:
 
 
 async def _call_execute(
-    sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any], owner: str
+    sandbox: Sandbox, ctx: ServerRequestContext[Any], arguments: dict[str, Any], owner: str, principal: Principal | None
 ) -> types.CallToolResult:
     client = _client_name(ctx)
     # Always stream: the session sends nothing unless the caller gave a progress token, and an
@@ -277,13 +298,18 @@ async def _call_execute(
         tg.start_soon(streamer.run)
         try:
             if request is None:  # the service refuses it, audits the refusal, and says why
-                outcome = await sandbox.execute_arguments(arguments, on_output=streamer.add, client=client, owner=owner)
+                outcome = await sandbox.execute_arguments(
+                    arguments, on_output=streamer.add, client=client, owner=owner, principal=principal
+                )
             else:
-                outcome = await sandbox.execute_request(request, on_output=streamer.add, client=client, owner=owner)
+                outcome = await sandbox.execute_request(
+                    request, on_output=streamer.add, client=client, owner=owner, principal=principal
+                )
         except SandboxError as exc:  # caught here: a task group would wrap it in a group
             outcome = exc
         finally:
-            with anyio.CancelScope(shield=True):
+            # Bounded: a client that never reads its event stream cannot hold the call here.
+            with anyio.move_on_after(STREAM_CLOSE_SECONDS, shield=True):
                 await streamer.close()
             tg.cancel_scope.cancel()
     if isinstance(outcome, SandboxError):

@@ -34,12 +34,14 @@ from codomyrmex_sandbox.backends import Backend, Job, RuntimeStatus, create_back
 from codomyrmex_sandbox.backends.base import SessionJob
 from codomyrmex_sandbox.errors import (
     ConfigurationError,
+    EngineUnavailableError,
     InvalidRequestError,
     LimitAboveCapError,
     SandboxError,
     ServerBusyError,
     UnknownLanguageError,
 )
+from codomyrmex_sandbox.metrics import Metrics, Snapshot, reason_of
 from codomyrmex_sandbox.models import (
     ClosedSession,
     CloseSessionRequest,
@@ -58,6 +60,7 @@ from codomyrmex_sandbox.models import (
 )
 from codomyrmex_sandbox.output import OutputCallback
 from codomyrmex_sandbox.policy import check_payload, limits_for, resolve_limits, resolve_policies, session_limits
+from codomyrmex_sandbox.principals import Principal
 from codomyrmex_sandbox.runtimes import RuntimeSpec, load_runtimes
 from codomyrmex_sandbox.sessions import Session, SessionRegistry, new_session_id
 from codomyrmex_sandbox.settings import LimitPolicy, Settings
@@ -87,9 +90,12 @@ class Sandbox:
             self.settings.max_concurrent_executions,
             self.settings.max_queued_executions,
             self.settings.max_queue_wait_seconds,
+            per_principal=self.settings.principal_concurrency(),
         )
-        self.audit = AuditLog(self.settings.audit_log_path)
+        self.metrics = Metrics()
+        self.audit = AuditLog(self.settings.audit_log_path, self.metrics)
         self.sessions = SessionRegistry(self.settings.max_sessions, self.settings.max_sessions_per_client)
+        self.metrics.watch(self._gauges)
         # The owner of sessions created through the Python API of this Sandbox (the MCP adapter
         # passes each connection's own).
         self.local_owner = "local:" + secrets.token_hex(16)
@@ -144,6 +150,38 @@ class Sandbox:
     async def runtime_status(self) -> list[RuntimeStatus]:
         return [await self.backend.runtime_status(spec) for spec in self.runtimes.values()]
 
+    async def readiness(self) -> dict[str, Any]:
+        """Whether this server can run calls now: ``ready``, and what is wrong if not, in terms that
+        reveal no setting (the engine answers or not; each runtime's image is there or not)."""
+        if self.draining:
+            return {"ready": False, "reason": "shutting down"}
+        try:
+            await self.backend.ping()
+        except EngineUnavailableError:
+            return {"ready": False, "reason": "the isolation engine does not answer"}
+        statuses = await self.runtime_status()
+        missing = sorted(status.name for status in statuses if not status.ready)
+        if missing:
+            return {"ready": False, "reason": "runtime images missing or stale", "runtimes": missing}
+        return {"ready": True}
+
+    @property
+    def draining(self) -> bool:
+        return self.admission.draining
+
+    def drain(self) -> None:
+        """Stop taking calls (new ones and queued ones are refused as busy); running calls go on.
+        Then `admission.wait_idle()` returns once they have ended."""
+        self.admission.drain()
+
+    def _gauges(self) -> Snapshot:
+        return Snapshot(
+            queue_depth=self.admission.waiting,
+            running=self.admission.running,
+            open_sessions=len(self.sessions),
+            warm=self.backend.warm_sandboxes(),
+        )
+
     def effective_limits(self, request: ExecutionRequest) -> Limits:
         """The limits ``request`` would run with, or the InvalidRequestError that refuses it.
 
@@ -165,6 +203,7 @@ class Sandbox:
         on_output: OutputCallback | None = None,
         client: str | None = None,
         owner: str | None = None,
+        principal: Principal | None = None,
     ) -> ExecutionResult:
         """Run ``code`` once in a fresh sandbox (or in session ``session_id``) and return how it ended.
 
@@ -182,7 +221,7 @@ class Sandbox:
             "session_id": session_id,
         }
         uploads = _files_argument(arguments, files)
-        return await self._execute(arguments, on_output, client, owner, uploads)
+        return await self._execute(arguments, on_output, client, owner, principal=principal, uploads=uploads)
 
     async def execute_arguments(
         self,
@@ -191,13 +230,15 @@ class Sandbox:
         on_output: OutputCallback | None = None,
         client: str | None = None,
         owner: str | None = None,
+        principal: Principal | None = None,
     ) -> ExecutionResult:
         """Like `execute`, for raw tool arguments (the MCP adapter's path); invalid ones are audited.
 
         ``owner`` is who may use the sessions it names (the MCP adapter: the connection); default
-        this Sandbox's own Python API caller (`local_owner`).
+        the ``principal``'s key, else this Sandbox's own Python API caller (`local_owner`). A
+        ``principal`` (HTTP) is named in the audit records and holds at most its share of the slots.
         """
-        return await self._execute(arguments, on_output, client, owner)
+        return await self._execute(arguments, on_output, client, owner, principal=principal)
 
     async def execute_request(
         self,
@@ -206,9 +247,10 @@ class Sandbox:
         on_output: OutputCallback | None = None,
         client: str | None = None,
         owner: str | None = None,
+        principal: Principal | None = None,
     ) -> ExecutionResult:
         """Like `execute`, for a request that is already a validated model."""
-        return await self._execute(request, on_output, client, owner)
+        return await self._execute(request, on_output, client, owner, principal=principal)
 
     async def _execute(
         self,
@@ -216,21 +258,28 @@ class Sandbox:
         on_output: OutputCallback | None,
         client: str | None,
         owner: str | None,
+        *,
+        principal: Principal | None,
         uploads: Sequence[UploadedFile] | None = None,
     ) -> ExecutionResult:
         """The one path from arguments to result; `AuditLog.execution` turns each way it can end into a record."""
         self._check_open()
-        with self.audit.execution(_language_named(call), client, session_id=_session_named(call)) as audit:
+        named = principal.name if principal is not None else None
+        with self.audit.execution(
+            _language_named(call), client, principal=named, session_id=_session_named(call)
+        ) as audit:
             request = call if isinstance(call, ExecutionRequest) else request_from_arguments(call)
             audit.requested(request)
             if request.session_id is not None:
-                return await self._execute_in_session(request, audit, on_output, owner or self.local_owner)
+                return await self._execute_in_session(
+                    request, audit, on_output, _owner(owner, principal, self.local_owner), principal
+                )
             limits = self.effective_limits(request)
             policy = self.policies[request.language]
             code, stdin = check_payload(request, policy)
             files = check_files(request.files if uploads is None else uploads, policy, language=request.language)
             job = Job(audit.execution_id, self.runtimes[request.language], code, stdin, limits, on_output, files)
-            async with self.admission.slot():
+            async with self.admission.slot(_key(principal)):
                 audit.started(job)
                 result = await self.backend.execute(job)
                 audit.finished(result)
@@ -243,7 +292,12 @@ class Sandbox:
     # -- sessions ----------------------------------------------------------------------------
 
     async def _execute_in_session(
-        self, request: ExecutionRequest, audit: ExecutionAudit, on_output: OutputCallback | None, owner: str
+        self,
+        request: ExecutionRequest,
+        audit: ExecutionAudit,
+        on_output: OutputCallback | None,
+        owner: str,
+        principal: Principal | None,
     ) -> ExecutionResult:
         """One call in a session: its limits are the session's (the timeout the call's own, within the
         cap and the session's hard end); calls of a session run one at a time, in arrival order."""
@@ -279,7 +333,7 @@ class Sandbox:
                 self.sessions.get(session.session_id, owner)  # raises: it has ended, and says why
             limits = session.limits.model_copy(update={"timeout_seconds": min(timeout, remaining)})
             job = Job(audit.execution_id, self.runtimes[session.language], code, stdin, limits, on_output)
-            async with self.admission.slot():
+            async with self.admission.slot(_key(principal)):
                 audit.started(job)
                 session.running = True
                 session.calls += 1
@@ -336,6 +390,7 @@ class Sandbox:
             "audit.session_ended",
             session_id=session.session_id,
             client=session.client,
+            principal=session.principal,
             language=session.language,
             reason=why,
             calls=session.calls,
@@ -370,6 +425,7 @@ class Sandbox:
         idle_timeout_seconds: float | None = None,
         client: str | None = None,
         owner: str | None = None,
+        principal: Principal | None = None,
     ) -> CreatedSession:
         """Open a session: one sandbox whose interpreter keeps its state from call to call. Pass its
         ``session_id`` to `execute`; see `session` for the context-manager form."""
@@ -379,7 +435,9 @@ class Sandbox:
             "idle_timeout_seconds": idle_timeout_seconds,
         }
         uploads = _files_argument(arguments, files)
-        return await self.create_session_arguments(arguments, client=client, owner=owner, uploads=uploads)
+        return await self.create_session_arguments(
+            arguments, client=client, owner=owner, principal=principal, uploads=uploads
+        )
 
     async def create_session_arguments(
         self,
@@ -387,11 +445,13 @@ class Sandbox:
         *,
         client: str | None = None,
         owner: str | None = None,
+        principal: Principal | None = None,
         uploads: Sequence[UploadedFile] | None = None,
     ) -> CreatedSession:
         """`create_session` for raw tool arguments (the MCP adapter's path)."""
         self._check_open()
-        owner = owner or self.local_owner
+        owner = _owner(owner, principal, self.local_owner)
+        named = principal.name if principal is not None else None
         try:
             request = validate_arguments(CreateSessionRequest, arguments)
             policy = self.policies.get(request.language)
@@ -402,18 +462,20 @@ class Sandbox:
             files = check_files(request.files if uploads is None else uploads, policy, language=request.language)
             self.sessions.reserve(owner)
         except SandboxError as exc:
-            self.audit.write("audit.session_refused", client=client, reason=str(exc))
+            self.audit.write("audit.session_refused", client=client, principal=named, reason=str(exc))
+            self.metrics.refused(reason_of(exc))
             raise
         session_id = new_session_id()
         lifetime = self.settings.session_max_lifetime_seconds
         try:
             job = SessionJob(session_id, self.runtimes[request.language], limits, lifetime, files)
-            async with self.admission.slot():
+            async with self.admission.slot(_key(principal)):
                 backend_session = await self.backend.open_session(job)
             session = Session(
                 session_id=session_id,
                 owner=owner,
                 client=client,
+                principal=named,
                 language=request.language,
                 limits=limits,
                 idle_timeout=idle,
@@ -422,7 +484,11 @@ class Sandbox:
             )
             self.sessions.add(session)
         except BaseException as exc:
-            self.audit.write("audit.session_refused", client=client, language=request.language, reason=str(exc))
+            self.audit.write(
+                "audit.session_refused", client=client, principal=named, language=request.language, reason=str(exc)
+            )
+            if isinstance(exc, SandboxError):
+                self.metrics.refused(reason_of(exc))
             raise
         finally:
             self.sessions.release(owner)
@@ -430,6 +496,7 @@ class Sandbox:
             "audit.session_created",
             session_id=session_id,
             client=client,
+            principal=named,
             language=request.language,
             runtime=backend_session.runtime_version,
             limits=limits.model_dump(),
@@ -455,18 +522,25 @@ class Sandbox:
             raise LimitAboveCapError("idle_timeout_seconds", requested, cap, "seconds")
         return requested
 
-    async def close_session(self, session_id: str, *, owner: str | None = None) -> ClosedSession:
+    async def close_session(
+        self, session_id: str, *, owner: str | None = None, principal: Principal | None = None
+    ) -> ClosedSession:
         """End one of the caller's sessions (after its running call, if any) and remove its sandbox."""
-        return await self.close_session_arguments({"session_id": session_id}, owner=owner)
+        return await self.close_session_arguments({"session_id": session_id}, owner=owner, principal=principal)
 
     async def close_session_arguments(
-        self, arguments: Mapping[str, Any], *, owner: str | None = None, client: str | None = None
+        self,
+        arguments: Mapping[str, Any],
+        *,
+        owner: str | None = None,
+        client: str | None = None,
+        principal: Principal | None = None,
     ) -> ClosedSession:
         """`close_session` for raw tool arguments (the MCP adapter's path)."""
         self._check_open()
-        del client  # the end record names the client that created the session
+        del client  # the end record names the client (and principal) that created the session
         request = validate_arguments(CloseSessionRequest, arguments)
-        session = self.sessions.get(request.session_id, owner or self.local_owner)
+        session = self.sessions.get(request.session_id, _owner(owner, principal, self.local_owner))
         await self._wait_for_session(session)
         try:
             usage = await self._end_session(session, "closed")
@@ -474,9 +548,10 @@ class Sandbox:
             session.lock.release()
         return ClosedSession(session_id=session.session_id, calls=session.calls, usage=usage)
 
-    def list_sessions(self, *, owner: str | None = None) -> SessionList:
+    def list_sessions(self, *, owner: str | None = None, principal: Principal | None = None) -> SessionList:
         """The caller's open sessions, oldest first."""
-        return SessionList(sessions=[s.summary() for s in self.sessions.owned_by(owner or self.local_owner)])
+        owned = self.sessions.owned_by(_owner(owner, principal, self.local_owner))
+        return SessionList(sessions=[session.summary() for session in owned])
 
     def session(
         self,
@@ -591,6 +666,17 @@ class SandboxSession:
         with anyio.CancelScope(shield=True):
             closed = await self._sandbox.close_session(self.info.session_id)
         return closed  # noqa: RET504 - returned outside the shield, which mypy reads as a missing return
+
+
+def _owner(owner: str | None, principal: Principal | None, local: str) -> str:
+    """Who a call's sessions belong to: as given, else the principal, else the Python API's caller."""
+    if owner is not None:
+        return owner
+    return principal.key if principal is not None else local
+
+
+def _key(principal: Principal | None) -> str | None:
+    return None if principal is None else principal.key
 
 
 def _language_named(call: ExecutionRequest | Mapping[str, Any]) -> str:

@@ -55,6 +55,7 @@ class Session:
     created: float = field(default_factory=time.monotonic)
     created_at: datetime = field(default_factory=lambda: datetime.now(UTC))
     lifetime: float = 0.0
+    principal: str | None = None  # the HTTP principal that created it, for audit records
     last_used: float = field(default_factory=time.monotonic)
     calls: int = 0
     running: bool = False  # a call is running: the idle clock stands still

@@ -211,6 +211,78 @@ class Settings(BaseSettings, LimitFields):
         description="Sandboxes kept started for new sessions, per language, once that language's first session "
         "was created (none before); 0 starts each session's sandbox on demand.",
     )
+    max_concurrent_executions_per_principal: Annotated[int, Field(ge=1, le=1024)] | None = Field(
+        default=None,
+        description="Executions one HTTP principal may have running or queued at once; default half of "
+        "max_concurrent_executions (at least 1). A principal at its limit is refused as busy, and never "
+        "takes another principal's slot.",
+    )
+
+    # Remote use: MCP's streamable HTTP transport (see MCP_TOOL_SPECIFICATION.md, "Remote use").
+    transport: Literal["stdio", "http"] = Field(
+        default="stdio", description="stdio (default): one client, which started the server. http: streamable HTTP."
+    )
+    http_host: str = Field(
+        default="127.0.0.1",
+        min_length=1,
+        max_length=255,
+        description="The address the HTTP transport listens on; any other than loopback needs authentication.",
+    )
+    http_port: Annotated[int, Field(ge=0, le=65_535)] = Field(
+        default=8000, description="The HTTP transport's port (0: any free port, logged as http_listening)."
+    )
+    http_public_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://[^\s/?#]+(/[^\s?#]*)?$",
+        description="The MCP endpoint's URL as clients reach it (behind a proxy: its https URL, ending in "
+        "/mcp); it names the resource in /.well-known/oauth-protected-resource. Default "
+        "http://http_host:http_port/mcp.",
+    )
+    http_allowed_origins: list[str] = Field(
+        default_factory=list,
+        description="Origin header values a request may carry (browsers send one); a request with any "
+        "other Origin gets 403. Requests without Origin (agents, SDKs) are not affected.",
+    )
+    http_max_body_bytes: Annotated[int, Field(ge=1024, le=4096 * MIB)] | None = Field(
+        default=None,
+        description="The largest request body; larger ones get 413 without being read whole. Default: "
+        "twice the code and stdin caps, plus the files cap in base64, plus 1 MiB.",
+    )
+    http_request_timeout_seconds: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = Field(
+        default=30.0,
+        description="A request's body must arrive within this long (else 408): a client that trickles "
+        "its body holds a connection no longer than this.",
+    )
+    http_max_connections: Annotated[int, Field(ge=1, le=100_000)] = Field(
+        default=512, description="Concurrent HTTP connections and requests; beyond it, 503."
+    )
+    auth_tokens_file: Path | None = Field(
+        default=None,
+        description="Bearer tokens for the HTTP transport: lines 'NAME SHA256HEX' (the SHA-256 of a token, "
+        "never the token; # comments). NAME is the principal. `codomyrmex-sandbox auth new-token NAME` makes one.",
+    )
+    auth_jwt_issuer: str | None = Field(
+        default=None, description="JWT bearer tokens: the required iss claim (with auth_jwt_audience, auth_jwks_url)."
+    )
+    auth_jwt_audience: str | None = Field(default=None, description="JWT bearer tokens: the required aud claim.")
+    auth_jwks_url: str | None = Field(
+        default=None,
+        pattern=r"^https?://\S+$",
+        description="JWT bearer tokens: the issuer's JWKS (https, or http on loopback only); sub is the principal.",
+    )
+    insecure_no_auth: bool = Field(
+        default=False,
+        description="Serve HTTP without authentication: loopback addresses only, for development "
+        "(`serve --insecure-no-auth`). Every caller is the principal 'anonymous'.",
+    )
+    metrics_public: bool = Field(
+        default=False, description="Serve /metrics without authentication (default: it needs a token like /mcp)."
+    )
+    shutdown_grace_seconds: Annotated[float, Field(ge=0, le=3600, allow_inf_nan=False)] = Field(
+        default=10.0,
+        description="On SIGTERM over HTTP: stop accepting, let running calls finish this long, then kill and "
+        "remove what is left and exit 0.",
+    )
     audit_log_path: Path | None = Field(
         default=None, description="Append-only JSON Lines audit log; records also always go to stderr."
     )
@@ -262,6 +334,42 @@ class Settings(BaseSettings, LimitFields):
                 "(uids above it are unsafe for many programs); lower one of them"
             )
         return self
+
+    @model_validator(mode="after")
+    def _jwt_settings_together(self) -> Self:
+        jwt = {"auth_jwt_issuer": self.auth_jwt_issuer, "auth_jwt_audience": self.auth_jwt_audience}
+        jwt["auth_jwks_url"] = self.auth_jwks_url
+        given = [name for name, value in jwt.items() if value]
+        if given and len(given) != len(jwt):
+            missing = sorted(set(jwt) - set(given))
+            raise ValueError(f"JWT authentication needs all of {', '.join(jwt)}; {', '.join(missing)} missing")
+        return self
+
+    @property
+    def jwt_configured(self) -> bool:
+        return self.auth_jwks_url is not None
+
+    @property
+    def auth_configured(self) -> bool:
+        """Whether the HTTP transport can authenticate anyone (a tokens file or a JWT issuer)."""
+        return self.auth_tokens_file is not None or self.jwt_configured
+
+    def principal_concurrency(self) -> int:
+        """Executions one principal may have running or queued at once."""
+        if self.max_concurrent_executions_per_principal is not None:
+            return self.max_concurrent_executions_per_principal
+        return max(1, self.max_concurrent_executions // 2)
+
+    def max_body_bytes(self) -> int:
+        """The largest HTTP request body: twice the code and stdin caps (JSON escapes), the files cap
+        as base64, and 1 MiB for the rest, for the most generous language."""
+        if self.http_max_body_bytes is not None:
+            return self.http_max_body_bytes
+        languages = [None, *self.language_limits]
+        return max(
+            2 * (policy.max_code_bytes + policy.max_stdin_bytes) + -(-policy.max_input_bytes * 4 // 3) + MIB
+            for policy in (self.policy(language) for language in languages)
+        )
 
     @model_validator(mode="after")
     def _every_policy_is_valid(self) -> Self:

@@ -141,6 +141,14 @@ class Backend(Protocol):
 
     async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus: ...
 
+    async def ping(self) -> None:
+        """Return when the engine answers; raise `EngineUnavailableError` when it does not (readiness)."""
+        ...
+
+    def warm_sandboxes(self) -> dict[tuple[str, str], int]:
+        """Idle sandboxes started ahead of demand, by (language, pool): "executions" or "sessions"."""
+        ...
+
     async def execute(self, job: Job) -> ExecutionResult: ...
 
     async def maintain(self) -> None:

@@ -34,7 +34,7 @@ from codomyrmex_sandbox.backends.base import (
     build_result,
     session_end,
 )
-from codomyrmex_sandbox.errors import RuntimeUnavailableError, SessionNotFoundError
+from codomyrmex_sandbox.errors import EngineUnavailableError, RuntimeUnavailableError, SessionNotFoundError
 from codomyrmex_sandbox.models import ExecutionResult, ResourceUsage
 from codomyrmex_sandbox.output import OutputCollector, StreamName
 from codomyrmex_sandbox.runtimes import RuntimeSpec
@@ -104,6 +104,7 @@ class FakeBackend:
         self.closed = False
         self._plays: set[anyio.CancelScope] = set()  # the programs playing now
         self.sessions: list[SessionJob] = []  # every session it opened
+        self.engine_down = False  # tests set it: `ping` then fails as an unreachable engine would
 
     async def open(self) -> None:
         self.opened = True
@@ -116,6 +117,13 @@ class FakeBackend:
 
     async def maintain(self) -> None:
         await anyio.sleep_forever()
+
+    async def ping(self) -> None:
+        if self.engine_down:
+            raise EngineUnavailableError("the fake engine is down (engine_down is set)")
+
+    def warm_sandboxes(self) -> dict[tuple[str, str], int]:
+        return {}
 
     async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus:
         if runtime.name in self._missing:

@@ -176,6 +176,17 @@ class DockerBackend:
                     await self._connection.call(engine.close)
             self._waits.shutdown(wait=False, cancel_futures=True)
 
+    async def ping(self) -> None:
+        engine = await self._connected()
+        await self._connection.call(engine.ping)
+
+    def warm_sandboxes(self) -> dict[tuple[str, str], int]:
+        counts: dict[tuple[str, str], int] = {}
+        for pool, name in ((self.pool, "executions"), (self.session_pool, "sessions")):
+            if pool is not None:
+                counts |= {(language, name): pool.idle(language) for language in pool.sizes}
+        return counts
+
     async def runtime_status(self, runtime: RuntimeSpec) -> RuntimeStatus:
         image = runtime.image(self._settings.image_prefix)
         try:

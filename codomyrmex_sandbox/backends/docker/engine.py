@@ -92,6 +92,10 @@ class Engine:
         with _engine_errors():
             return dict(self._client.info())
 
+    def ping(self) -> None:
+        with _engine_errors():
+            self._api.ping()
+
     def version(self) -> dict[str, Any]:
         with _engine_errors():
             return dict(self._client.version())
