@@ -26,7 +26,7 @@ async def doctor(settings: Settings, out: TextIO) -> int:
         out.write(text + "\n")
 
     line(f"codomyrmex-sandbox {__version__}")
-    for package in ("mcp", "docker", "pydantic", "anyio", "structlog"):
+    for package in ("mcp", "docker", "pydantic", "anyio", "structlog", "uvicorn", "prometheus-client", "PyJWT"):
         line(f"  {package} {_version_of(package)}")
     line()
     line(f"backend: {settings.backend}")
@@ -36,6 +36,7 @@ async def doctor(settings: Settings, out: TextIO) -> int:
     line()
     problems += await _check_runtimes(settings, line)
     line()
+    problems += _check_http(settings, line)
     _print_policy(settings, line)
     line()
     if problems:
@@ -70,6 +71,31 @@ async def _check_runtimes(settings: Settings, line: Callable[[str], None]) -> li
         line(f"  {mark} {status.name}: {status.version or '-'} ({status.detail})")
         if not status.ready:
             problems.append(f"runtime {status.name} is not ready; fix: {FIX_IMAGES}")
+    return problems
+
+
+def _check_http(settings: Settings, line: Callable[[str], None]) -> list[str]:
+    """The HTTP transport's authentication, when it is selected: what `serve` would refuse, said now."""
+    if settings.transport != "http":
+        return []
+    from codomyrmex_sandbox.auth import TokenFile, check_jwks_url  # noqa: PLC0415 - only HTTP needs it
+    from codomyrmex_sandbox.http_server import check_http_settings  # noqa: PLC0415
+
+    problems = []
+    line(f"http: {settings.http_host}:{settings.http_port}")
+    try:
+        check_http_settings(settings)
+        if settings.auth_tokens_file is not None:
+            line(f"  ok   auth_tokens_file: {len(TokenFile(settings.auth_tokens_file))} tokens")
+        if settings.auth_jwks_url is not None:
+            check_jwks_url(settings.auth_jwks_url)
+            line(f"  ok   JWT issuer {settings.auth_jwt_issuer}")
+        if settings.insecure_no_auth:
+            line("  WARN no authentication (insecure_no_auth): loopback development only")
+    except SandboxError as exc:
+        line(f"  FAIL {exc}")
+        problems.append(str(exc))
+    line("")
     return problems
 
 
