@@ -1,19 +1,23 @@
-"""Prometheus metrics, with the `prometheus-client` library: what `/metrics` serves over HTTP.
+"""Prometheus metrics: what `/metrics` serves over HTTP, in the text format of `prometheus-client`.
 
 Counters and the duration histogram are fed by the audit trail (every call's end record goes
 through `AuditLog`, so nothing is counted twice or missed); the gauges (queue depth, running
 executions, warm sandboxes, open sessions) are read from the live objects at each scrape. Each
-`Sandbox` has a registry of its own, so that several in one process never mix their numbers.
+`Sandbox` has metrics of its own, so that several in one process never mix their numbers.
+
+The tallies are plain numbers kept here; `prometheus-client` is imported only when `render` is
+first called, so that a stdio server, which never serves metrics, does not pay for its import at
+start-up (most of an MCP server's time to its first answer is imports).
 """
 
 from __future__ import annotations
 
+import bisect
+import threading
+from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from typing import TYPE_CHECKING
 
 from codomyrmex_sandbox.errors import (
     InvalidRequestError,
@@ -25,6 +29,9 @@ from codomyrmex_sandbox.errors import (
     ShuttingDownError,
     UnknownLanguageError,
 )
+
+if TYPE_CHECKING:
+    from prometheus_client.core import Metric
 
 PREFIX = "codomyrmex_sandbox"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -63,52 +70,71 @@ class Snapshot:
 
 class Metrics:
     def __init__(self) -> None:
-        self.registry = CollectorRegistry(auto_describe=True)
-        self._executions = Counter(
-            f"{PREFIX}_executions",
-            "Executions that ended, by language and status (the result's, or cancelled / not_run).",
-            ["language", "status"],
-            registry=self.registry,
-        )
-        self._duration = Histogram(
-            f"{PREFIX}_execution_duration_seconds",
-            "Wall-clock time of executions that ran, from the sandbox's start to its end.",
-            ["language"],
-            buckets=DURATION_BUCKETS,
-            registry=self.registry,
-        )
-        self._refusals = Counter(
-            f"{PREFIX}_refusals",
-            "Calls refused before they ran, by reason (invalid arguments, busy, unauthorized, ...).",
-            ["reason"],
-            registry=self.registry,
-        )
+        self._lock = threading.Lock()
+        self._executions: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self._durations: dict[str, _Histogram] = {}
+        self._refusals: defaultdict[str, int] = defaultdict(int)
+        self._read: Callable[[], Snapshot] | None = None
 
     def executed(self, language: str, status: str, seconds: float | None) -> None:
-        self._executions.labels(language=language, status=status).inc()
-        if seconds is not None:
-            self._duration.labels(language=language).observe(seconds)
+        with self._lock:
+            self._executions[language, status] += 1
+            if seconds is not None:
+                self._durations.setdefault(language, _Histogram()).observe(seconds)
 
     def refused(self, reason: str) -> None:
-        self._refusals.labels(reason=reason).inc()
+        with self._lock:
+            self._refusals[reason] += 1
 
     def watch(self, read: Callable[[], Snapshot]) -> None:
         """Report the gauges from ``read()`` at each scrape."""
-        self.registry.register(_Gauges(read))
+        self._read = read
 
     def render(self) -> bytes:
         """The Prometheus text format (`CONTENT_TYPE`)."""
-        return generate_latest(self.registry)
+        from prometheus_client import CollectorRegistry, generate_latest  # noqa: PLC0415 - see the docstring
 
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(_Collector(self))
+        return bytes(generate_latest(registry))
 
-class _Gauges(Collector):
-    def __init__(self, read: Callable[[], Snapshot]) -> None:
-        self._read = read
+    def families(self) -> Iterator[Metric]:
+        from prometheus_client.core import (  # noqa: PLC0415 - see the docstring
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
 
-    def describe(self) -> list[Metric]:
-        return []  # collected at each scrape only: the values are live
-
-    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            executions = dict(self._executions)
+            durations = {language: histogram.copy() for language, histogram in self._durations.items()}
+            refusals = dict(self._refusals)
+        counter = CounterMetricFamily(
+            f"{PREFIX}_executions",
+            "Executions that ended, by language and status (the result's, or cancelled / not_run).",
+            labels=["language", "status"],
+        )
+        for (language, status), count in sorted(executions.items()):
+            counter.add_metric([language, status], count)
+        yield counter
+        histogram = HistogramMetricFamily(
+            f"{PREFIX}_execution_duration_seconds",
+            "Wall-clock time of executions that ran, from the program's start to its end.",
+            labels=["language"],
+        )
+        for language, tally in sorted(durations.items()):
+            histogram.add_metric([language], buckets=tally.buckets(), sum_value=tally.total)
+        yield histogram
+        refused = CounterMetricFamily(
+            f"{PREFIX}_refusals",
+            "Calls refused before they ran, by reason (invalid arguments, busy, unauthorized, ...).",
+            labels=["reason"],
+        )
+        for reason, count in sorted(refusals.items()):
+            refused.add_metric([reason], count)
+        yield refused
+        if self._read is None:
+            return
         now = self._read()
         yield GaugeMetricFamily(f"{PREFIX}_queue_depth", "Calls waiting for an execution slot.", value=now.queue_depth)
         yield GaugeMetricFamily(f"{PREFIX}_running_executions", "Executions holding a slot now.", value=now.running)
@@ -121,3 +147,39 @@ class _Gauges(Collector):
         for (language, pool), count in sorted(now.warm.items()):
             warm.add_metric([language, pool], count)
         yield warm
+
+
+class _Histogram:
+    """Counts per bucket (not cumulative), the total of the observations, and their number."""
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(DURATION_BUCKETS) + 1)  # the last is +Inf
+        self.total = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(DURATION_BUCKETS, value)] += 1
+        self.total += value
+
+    def copy(self) -> _Histogram:
+        other = _Histogram()
+        other.counts, other.total = list(self.counts), self.total
+        return other
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """Cumulative counts by upper bound, as the text format has them."""
+        bounds = [*(repr(float(bound)) for bound in DURATION_BUCKETS), "+Inf"]
+        running, cumulative = 0, []
+        for bound, count in zip(bounds, self.counts, strict=True):
+            running += count
+            cumulative.append((bound, float(running)))
+        return cumulative
+
+
+class _Collector:
+    """The `prometheus-client` collector over one `Metrics`."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[Metric]:
+        return self._metrics.families()
