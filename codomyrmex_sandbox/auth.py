@@ -20,14 +20,9 @@ No token, and no part of one, is ever logged: a refusal is logged with its reaso
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
-import re
-import secrets
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,10 +35,29 @@ from codomyrmex_sandbox.errors import ConfigurationError
 from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.principals import Principal
 from codomyrmex_sandbox.settings import Settings
+from codomyrmex_sandbox.tokens import (
+    NAME_PATTERN,
+    TOKEN_PREFIX,
+    TokenFile,
+    new_token,
+    parse_tokens_file,
+    token_digest,
+)
 
-TOKEN_PREFIX = "cmx_"  # noqa: S105 - a marker that makes leaked tokens easy to scan for, not a secret
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
-_HEX = re.compile(r"[0-9a-f]{64}")
+__all__ = [
+    "NAME_PATTERN",
+    "TOKEN_PREFIX",
+    "Authenticator",
+    "JwtVerifier",
+    "PrincipalToken",
+    "TokenFile",
+    "check_jwks_url",
+    "is_loopback",
+    "new_token",
+    "parse_tokens_file",
+    "token_digest",
+]
+
 # Asymmetric algorithms only: a JWKS publishes public keys, and HMAC with a public key as the secret
 # is the classic confusion attack.
 JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -55,93 +69,10 @@ MAX_SUB_CHARS = 256
 LOGGER = "codomyrmex_sandbox.auth"
 
 
-def token_digest(token: str) -> str:
-    return hashlib.sha256(token.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-def new_token(name: str) -> tuple[str, str]:
-    """A new random bearer token for principal ``name``, and the line that admits it."""
-    if NAME_PATTERN.fullmatch(name) is None:
-        raise ConfigurationError(
-            f"a token name must be 1-64 letters, digits, '.', '_', '@' or '-', starting with a letter or digit; "
-            f"not {name[:80]!r}"
-        )
-    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-    return token, f"{name} {token_digest(token)}"
-
-
 class PrincipalToken(AccessToken):
     """An `AccessToken` that carries its principal. It never holds the token itself."""
 
     principal: Principal
-
-
-def parse_tokens_file(text: str, where: str) -> list[tuple[str, str]]:
-    """The (name, sha256 hex) lines of a tokens file; ConfigurationError naming the line when one is wrong."""
-    entries = []
-    for number, raw in enumerate(text.splitlines(), start=1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        if len(fields) != 2:  # noqa: PLR2004 - NAME and hash
-            raise ConfigurationError(
-                f"{where}, line {number}: expected 'NAME SHA256HEX' (two fields); make a line with "
-                "`codomyrmex-sandbox auth new-token NAME`"
-            )
-        name, digest = fields[0], fields[1].lower()
-        if NAME_PATTERN.fullmatch(name) is None:
-            raise ConfigurationError(
-                f"{where}, line {number}: {name[:80]!r} is not a valid name (letters, digits, '.', '_', '@', '-')"
-            )
-        if _HEX.fullmatch(digest) is None:
-            raise ConfigurationError(
-                f"{where}, line {number}: the second field must be the token's SHA-256 in hex (64 characters), "
-                "never the token itself"
-            )
-        entries.append((name, digest))
-    return entries
-
-
-class TokenFile:
-    """The tokens of `auth_tokens_file`, read again when the file changes."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._stamp: tuple[int, int, int] | None = None
-        self._entries: list[tuple[str, str]] = []
-        self._load(strict=True)
-
-    def _load(self, *, strict: bool) -> None:
-        try:
-            info = self.path.stat()
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-            if stamp == self._stamp:
-                return
-            entries = parse_tokens_file(self.path.read_text(encoding="utf-8"), str(self.path))
-        except (OSError, UnicodeDecodeError, ConfigurationError) as exc:
-            if strict:
-                if isinstance(exc, ConfigurationError):
-                    raise
-                raise ConfigurationError(f"cannot read auth_tokens_file {self.path}: {exc}") from exc
-            get_logger(LOGGER).error("tokens_file_unreadable", path=str(self.path), error=str(exc), kept="last good")
-            return
-        self._stamp = stamp
-        self._entries = entries
-        if not strict:
-            get_logger(LOGGER).info("tokens_file_reloaded", path=str(self.path), tokens=len(entries))
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def lookup(self, token: str) -> Principal | None:
-        self._load(strict=False)
-        digest = token_digest(token)
-        found: str | None = None
-        for name, expected in self._entries:  # every line, whichever matches: constant time
-            if hmac.compare_digest(digest, expected) and found is None:
-                found = name
-        return None if found is None else Principal(found, "token")
 
 
 class JwtVerifier:

@@ -348,7 +348,7 @@ def console_script_path() -> Path:
 
 def _auth_command(_settings: Settings, args: argparse.Namespace) -> int:
     """`auth new-token NAME`: the token on stdout's first line, the file's line on the second."""
-    from codomyrmex_sandbox.auth import new_token  # noqa: PLC0415 - only this command needs it
+    from codomyrmex_sandbox.tokens import new_token  # noqa: PLC0415 - only this command needs it
 
     token, line = new_token(args.name)
     if args.append is not None:

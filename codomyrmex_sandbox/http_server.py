@@ -66,6 +66,8 @@ MCP_SESSIONS = 4096  # streamable HTTP sessions open at once (each is a few obje
 MCP_SESSION_IDLE_SECONDS = 30 * 60
 LOGGER = "codomyrmex_sandbox.http"
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+LINGER_SECONDS = 2.0  # after a refusal, how long the rest of a body is read and dropped
+LINGER_BYTES = 64 * 1024 * 1024
 
 
 def check_http_settings(settings: Settings) -> None:
@@ -229,7 +231,7 @@ class _OriginCheck:
                     },
                     status_code=403,
                 )
-                await response(scope, receive, send)
+                await _refuse(response, scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
@@ -252,7 +254,7 @@ class _Principal:
         token = user.access_token if isinstance(user, AuthenticatedUser) else None
         if not isinstance(token, PrincipalToken):
             self.metrics.refused("unauthorized")
-            await self.refuse(scope, receive, send)
+            await _refuse(self.refuse, scope, receive, send)
             return
         scope[SCOPE_KEY] = token.principal
         await self.app(scope, receive, send)
@@ -293,14 +295,9 @@ class _BodyLimit:
                     break
         if waited.cancelled_caught:
             self.metrics.refused("request_timeout")
-            await _error(
-                scope,
-                receive,
-                send,
-                status=408,
-                error="request_timeout",
-                description=f"the body did not arrive within {self.timeout:g} s",
-            )
+            response = _error_response(408, "request_timeout", f"the body did not arrive within {self.timeout:g} s")
+            response.headers["Connection"] = "close"  # a client this slow gets no more time
+            await response(scope, receive, send)
             return
         replayed = False
 
@@ -315,22 +312,50 @@ class _BodyLimit:
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
         self.metrics.refused("body_too_large")
-        await _error(
-            scope,
-            receive,
-            send,
-            status=413,
-            error="body_too_large",
-            description=f"the request body is over {self.limit} bytes (http_max_body_bytes); "
-            "send less code, stdin or files",
+        response = _error_response(
+            413,
+            "body_too_large",
+            f"the request body is over {self.limit} bytes (http_max_body_bytes); send less code, stdin or files",
         )
+        await _refuse(response, scope, receive, send)
 
 
-async def _error(scope: Scope, receive: Receive, send: Send, *, status: int, error: str, description: str) -> None:
-    response = JSONResponse(
-        {"error": error, "error_description": description}, status_code=status, headers={"Connection": "close"}
-    )
-    await response(scope, receive, send)
+def _error_response(status: int, error: str, description: str) -> Response:
+    return JSONResponse({"error": error, "error_description": description}, status_code=status)
+
+
+async def _refuse(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+    """Let ``app`` answer a refusal, then close the connection without losing the answer.
+
+    The answer carries ``Connection: close`` and is sent whole, but its end is held back while what
+    is left of the body is read and dropped, for a bounded time and size: uvicorn closes the
+    connection when the answer ends, and closing with unread data in the socket makes the kernel
+    reset the connection, so that the client would lose the answer it was sent (RFC 9112, 9.6).
+    Reading on without a bound would let a refused client keep its connection forever.
+    """
+    held = False
+
+    async def closing(message: Message) -> None:
+        nonlocal held
+        if message["type"] == "http.response.start":
+            headers = [(key, value) for key, value in message.get("headers", []) if key.lower() != b"connection"]
+            message = {**message, "headers": [*headers, (b"connection", b"close")]}
+        elif message["type"] == "http.response.body" and not message.get("more_body", False):
+            message, held = {**message, "more_body": True}, True
+        await send(message)
+
+    await app(scope, receive, closing)
+    dropped = 0
+    with anyio.move_on_after(LINGER_SECONDS):
+        while dropped <= LINGER_BYTES:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            dropped += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+    if held:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
