@@ -27,6 +27,7 @@ and the process exits 0. A second signal skips the grace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import signal
 import socket
@@ -48,6 +49,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, request_response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from codomyrmex_sandbox import __version__
 from codomyrmex_sandbox.auth import Authenticator, PrincipalToken, is_loopback
@@ -368,6 +370,60 @@ def _header(scope: Scope, name: bytes) -> str | None:
 # -- serving ------------------------------------------------------------------------------------
 
 
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol, with a deadline for each request's line and headers.
+
+    uvicorn closes an idle keep-alive connection, but not one that sent nothing, nor one stopped in
+    the middle of its headers: a client without any token could hold every connection
+    `http_max_connections` allows (slowloris), and every request, ``/healthz`` included, would get
+    503 for as long as it liked. Here a connection that has not completed a request's headers
+    within ``header_timeout`` seconds of opening, or of its previous answer, is closed.
+    """
+
+    header_timeout = 30.0
+    _header_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[arg-type]
+        self._arm()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        if self._reading_a_request():
+            self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing() and not self._reading_a_request():
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _reading_a_request(self) -> bool:
+        return self.cycle is not None and not self.cycle.response_complete
+
+    def _arm(self) -> None:
+        self._disarm()
+        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_late)
+
+    def _disarm(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _headers_late(self) -> None:
+        self._header_timer = None
+        if not self._reading_a_request() and not self.transport.is_closing():
+            get_logger(LOGGER).info("http_headers_late", timeout_seconds=self.header_timeout)
+            self.transport.close()
+
+
+def _protocol(header_timeout: float) -> type[H11Protocol]:
+    return type("HeaderDeadline", (_HeaderDeadline,), {"header_timeout": header_timeout})
+
+
 class _Server(uvicorn.Server):
     """uvicorn, with signals left to `serve_http` (which drains before it stops)."""
 
@@ -414,7 +470,7 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
         access_log=False,
         server_header=False,
         ws="none",
-        http="h11",
+        http=_protocol(settings.http_request_timeout_seconds),
         limit_concurrency=settings.http_max_connections,
         timeout_keep_alive=5,
         timeout_graceful_shutdown=1,  # after the drain, what is left (idle event streams) is cut

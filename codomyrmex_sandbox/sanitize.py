@@ -68,20 +68,45 @@ _BIDI = re.compile(r"[\u202a-\u202e\u2066-\u2069\u200e\u200f\u061c]")
 _SHOWN_BIDI = {c: f"\\u{c:04x}" for c in (*range(0x202A, 0x202F), *range(0x2066, 0x206A), 0x200E, 0x200F, 0x061C)}
 
 
+# Fast paths: most output holds no escape, no control and no bidi character, and a regex scan of a
+# megabyte holds the interpreter lock for about 0.1 s, which stalls the event loop (every client's
+# calls over HTTP) even from a worker thread. Each check below is exact: it skips a step only when
+# the step could change nothing. Every escape starts with ESC or an 8-bit introducer (none of which
+# an ASCII string holds); in an ASCII string, the controls are what is left once the printable
+# characters, newline and tab are deleted (bytes.translate, in C); bidi characters are not ASCII.
+_INTRODUCERS_8BIT = "\x9b\x90\x98\x9d\x9e\x9f"
+_PLAIN_ASCII = bytes(range(0x20, 0x7F)) + b"\n\t"
+_CHUNK = 1 << 20
+_BIDI_CHARACTERS = tuple(chr(c) for c in _SHOWN_BIDI)
+
+
 def strip_escape_sequences(text: str) -> str:
+    if "\x1b" not in text and (text.isascii() or not any(c in text for c in _INTRODUCERS_8BIT)):
+        return text
     return _ESCAPES.sub("", text)
 
 
 def normalise_line_endings(text: str) -> str:
+    if "\r" not in text:
+        return text
     return text.replace("\r\n", "\n").replace("\r", "\n")
 
 
 def show_control_characters(text: str) -> str:
-    return text.translate(_SHOWN_CONTROLS) if _CONTROLS.search(text) else text
+    if text.isascii():  # a megabyte at a time: the check's copy stays small
+        has_controls = any(
+            text[start : start + _CHUNK].encode("ascii").translate(None, _PLAIN_ASCII)
+            for start in range(0, len(text), _CHUNK)
+        )
+    else:
+        has_controls = _CONTROLS.search(text) is not None
+    return text.translate(_SHOWN_CONTROLS) if has_controls else text
 
 
 def show_bidi_overrides(text: str) -> str:
-    return text.translate(_SHOWN_BIDI) if _BIDI.search(text) else text
+    if text.isascii() or not any(c in text for c in _BIDI_CHARACTERS):
+        return text
+    return text.translate(_SHOWN_BIDI)
 
 
 DEFAULT_STEPS: Sequence[Step] = (

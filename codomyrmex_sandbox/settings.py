@@ -250,8 +250,9 @@ class Settings(BaseSettings, LimitFields):
     )
     http_request_timeout_seconds: Annotated[float, Field(gt=0, le=3600, allow_inf_nan=False)] = Field(
         default=30.0,
-        description="A request's body must arrive within this long (else 408): a client that trickles "
-        "its body holds a connection no longer than this.",
+        description="A request's line and headers must arrive within this long of the connection opening "
+        "(or of the previous answer), else the connection is closed; then its body, else 408. A client that "
+        "trickles holds a connection no longer than this.",
     )
     http_max_connections: Annotated[int, Field(ge=1, le=100_000)] = Field(
         default=512, description="Concurrent HTTP connections and requests; beyond it, 503."

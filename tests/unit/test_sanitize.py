@@ -388,3 +388,18 @@ def test_a_64_kib_flood_of_each_introducer_takes_well_under_a_second(unit: str):
         cleaned = sanitize(text)
         assert time.perf_counter() - start < 1.0
         assert_clean(cleaned)
+
+
+# Each step skips its work when it could change nothing (an ASCII text holds no 8-bit introducer, no
+# C1 control and no bidi character; a text without ESC or introducers holds no escape): a skip that
+# was wrong would let a control through. The alphabets lean on ASCII so that the fast paths run.
+ASCII_HEAVY = st.text(alphabet=st.sampled_from([*"ab 1\n\t\r", "\x1b", "[", "]", "\x00", "\x07", "\x7f", "\x1f"]))
+MIXED = st.text(alphabet=st.sampled_from([*"a \n\r\x1b[\x00\x7f", "é", "\x9b", "\x90", "\x9c", *BIDI]))
+
+
+@given(st.one_of(ASCII_HEAVY, MIXED))
+def test_every_step_skips_work_only_when_it_could_change_nothing(text: str):
+    assert strip_escape_sequences(text) == sanitize_module._ESCAPES.sub("", text)
+    assert normalise_line_endings(text) == text.replace("\r\n", "\n").replace("\r", "\n")
+    assert show_control_characters(text) == OLD_CONTROLS.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    assert show_bidi_overrides(text) == OLD_BIDI.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
