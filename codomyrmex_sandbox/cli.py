@@ -119,6 +119,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at the configured level on stderr")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser("serve", help="serve MCP over stdio (the default) or streamable HTTP")
+    serve.add_argument(  # also after the command; SUPPRESS keeps a --config given before it
+        "--config", type=Path, default=argparse.SUPPRESS, help="a TOML settings file (as before the command)"
+    )
     serve.add_argument("--transport", choices=("stdio", "http"), help="stdio (default) or http (serves /mcp)")
     serve.add_argument("--host", help="HTTP: the address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="HTTP: the port (default 8000; 0 picks a free one)")

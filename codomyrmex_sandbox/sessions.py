@@ -173,8 +173,9 @@ class SessionRegistry:
             )
         raise SessionNotFoundError(
             f"no open session with id {session_id[:80]!r} for this client; create one with create_session, or "
-            "call execute_code without session_id. list_sessions shows this client's open sessions. A session "
-            "ends with the MCP connection that created it: a client that starts a server per call cannot keep one."
+            "call execute_code without session_id. list_sessions shows this client's open sessions. Over stdio a "
+            "session ends with the MCP connection that created it (a client that starts a server per call cannot "
+            "keep one); over HTTP it belongs to the token's principal, on the server that created it."
         )
 
     def remove(self, session: Session, why: str) -> bool:
