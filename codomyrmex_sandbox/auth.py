@@ -134,11 +134,12 @@ class JwtVerifier:
             return key
 
     async def _key_set(self, *, refresh: bool) -> jwt.PyJWKSet | None:
+        cache = self._jwks.jwk_set_cache
+        if refresh or cache is None or cache.get() is None:  # this call fetches: the throttle counts it
+            self._fetched = time.monotonic()
         try:
-            if refresh or self._jwks.jwk_set_cache is None or self._jwks.jwk_set_cache.is_expired():
-                self._fetched = time.monotonic()
             return await anyio.to_thread.run_sync(self._jwks.get_jwk_set, refresh)
-        except jwt.PyJWKClientError as exc:
+        except (jwt.PyJWTError, ValueError, OSError) as exc:  # unreachable, not JSON, no usable key
             get_logger(LOGGER).warning("jwks_unavailable", error=str(exc)[:300])
             return None
 

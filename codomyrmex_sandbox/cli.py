@@ -35,6 +35,8 @@ from codomyrmex_sandbox.errors import SandboxError
 # Each command imports what it needs, when it runs: `--version` and `--help` load none of it,
 # and `serve` loads the MCP SDK while the engine starts the first sandbox (see `_serve`).
 if TYPE_CHECKING:
+    from anyio.abc import TaskStatus
+
     from codomyrmex_sandbox.models import ExecutionResult
     from codomyrmex_sandbox.output import StreamName
     from codomyrmex_sandbox.settings import Settings
@@ -200,24 +202,41 @@ async def _serve(settings: Settings) -> None:
         from codomyrmex_sandbox.http_server import serve_http  # noqa: PLC0415 - only HTTP needs it
 
         async with sandbox:  # closing it removes every sandbox, after the drain
-            await serve_http(sandbox)
+            try:
+                await serve_http(sandbox)  # its signal receiver is gone when it returns
+            finally:
+                _ignore_stop_signals()
         return
     with ThreadPoolExecutor(1, thread_name_prefix="import-mcp") as imports:
         stdio = imports.submit(importlib.import_module, "codomyrmex_sandbox.stdio")
-        async with sandbox, anyio.create_task_group() as tg:
+        async with sandbox:
+            try:
+                async with anyio.create_task_group() as tg:
 
-            async def stop_on_signal() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-                    async for _ in signals:
-                        tg.cancel_scope.cancel()
-                        return
+                    async def stop_on_signal(*, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+                        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                            task_status.started()
+                            async for _ in signals:
+                                tg.cancel_scope.cancel()
+                                return
 
-            tg.start_soon(stop_on_signal)
-            await anyio.to_thread.run_sync(stdio.result, abandon_on_cancel=True)  # raises what the import raised
-            from codomyrmex_sandbox.stdio import serve_stdio  # noqa: PLC0415 - imported by now
+                    await tg.start(stop_on_signal)  # from here on, a stop signal is never missed
+                    # raises what the import raised
+                    await anyio.to_thread.run_sync(stdio.result, abandon_on_cancel=True)
+                    from codomyrmex_sandbox.stdio import serve_stdio  # noqa: PLC0415 - imported by now
 
-            await serve_stdio(sandbox)
-            tg.cancel_scope.cancel()
+                    await serve_stdio(sandbox)
+                    tg.cancel_scope.cancel()
+            finally:
+                _ignore_stop_signals()  # after the receiver is gone (leaving, it restores the default action)
+
+
+def _ignore_stop_signals() -> None:
+    """Once serving is over, the Sandbox closes (killing and removing every sandbox), which must
+    finish: a second SIGTERM would otherwise kill the process halfway (the receivers that handled the
+    first are gone, and the default action is back)."""
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 async def _run(

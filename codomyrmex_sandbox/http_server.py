@@ -36,6 +36,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import anyio
+import anyio.abc
 import uvicorn
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser, BearerAuthBackend, RequireAuthMiddleware
 from mcp.server.auth.routes import build_resource_metadata_url
@@ -70,6 +71,7 @@ LOGGER = "codomyrmex_sandbox.http"
 _BODYLESS = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
 LINGER_SECONDS = 2.0  # after a refusal, how long the rest of a body is read and dropped
 LINGER_BYTES = 64 * 1024 * 1024
+DRAIN_LINGER_SECONDS = 1.0  # after the last running call, within the grace
 
 
 def check_http_settings(settings: Settings) -> None:
@@ -488,6 +490,10 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
         with grace:
             grace.deadline = anyio.current_time() + settings.shutdown_grace_seconds
             await sandbox.admission.wait_idle()
+            # The last results were just sent: a client reads one, and often asks once more on the same
+            # connection (tools/list for the output schema). Open connections are served a moment
+            # longer (tool calls are refused), so that the result is not lost with the connection.
+            await anyio.sleep(DRAIN_LINGER_SECONDS)
         if sandbox.admission.running:
             logger.warning("http_grace_over", cancelling=sandbox.admission.running)
         # uvicorn closes the connections, then the app's lifespan ends the MCP sessions: calls still
@@ -496,8 +502,9 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
 
     async with anyio.create_task_group() as tg:
 
-        async def on_signals() -> None:
+        async def on_signals(*, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
             with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                task_status.started()
                 async for signum in signals:
                     if sandbox.draining:  # a second signal: no more grace
                         grace.cancel()
@@ -505,7 +512,7 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
                         logger.info("http_signal", signal=signal.Signals(signum).name)
                         tg.start_soon(drain)
 
-        tg.start_soon(on_signals)
+        await tg.start(on_signals)  # before anyone is told where to connect: a stop signal is never missed
         url = f"http://{_host_for_url(settings.http_host)}:{port}{MCP_PATH}"
         logger.info(
             "http_listening",

@@ -71,15 +71,18 @@ class TokenFile:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._stamp: tuple[int, int, int] | None = None
+        self._stamp: tuple[int, ...] | None = None
+        self._broken: tuple[int, ...] | None = None  # the version that failed to parse, until it changes
         self._entries: list[tuple[str, str]] = []
         self._load(strict=True)
 
     def _load(self, *, strict: bool) -> None:
+        stamp: tuple[int, ...] | None = None
         try:
             info = self.path.stat()
-            stamp = (info.st_mtime_ns, info.st_size, info.st_ino)
-            if stamp == self._stamp:
+            # ctime too: no copy or touch can set it back, so every rewrite is seen
+            stamp = (info.st_mtime_ns, info.st_ctime_ns, info.st_size, info.st_ino)
+            if stamp in {self._stamp, self._broken}:
                 return
             entries = parse_tokens_file(self.path.read_text(encoding="utf-8"), str(self.path))
         except (OSError, UnicodeDecodeError, ConfigurationError) as exc:
@@ -87,7 +90,11 @@ class TokenFile:
                 if isinstance(exc, ConfigurationError):
                     raise
                 raise ConfigurationError(f"cannot read auth_tokens_file {self.path}: {exc}") from exc
-            get_logger(LOGGER).error("tokens_file_unreadable", path=str(self.path), error=str(exc), kept="last good")
+            if stamp is None or stamp != self._broken:  # once per broken version, not once per request
+                get_logger(LOGGER).error(
+                    "tokens_file_unreadable", path=str(self.path), error=str(exc), kept="last good"
+                )
+            self._broken = stamp
             return
         self._stamp = stamp
         self._entries = entries
