@@ -236,6 +236,9 @@ def build_server(sandbox: Sandbox) -> Server[Any]:
         version=__version__,
         instructions=tool_description(sandbox),
         lifespan=connection,
+        # Over HTTP (protocol 2026-07-28) the SDK checks each call's Mcp-Param-* headers against the
+        # tool's schema; without this it runs tools/list (20 KB of JSON) for every call.
+        get_tool_input_schema={tool.name: tool.input_schema for tool in tools}.get,
         on_list_tools=list_tools,
         on_call_tool=call_tool,
     )

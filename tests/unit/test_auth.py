@@ -396,9 +396,10 @@ async def test_a_key_set_with_one_key_serves_tokens_without_a_kid(jwks: JwksServ
 @pytest.mark.parametrize(
     "changes",
     [
-        pytest.param({"exp": int(time.time()) - JWT_LEEWAY_SECONDS - 60}, id="expired"),
+        # Times as offsets, turned into timestamps when the test runs (not when pytest collects it).
+        pytest.param({"exp": -JWT_LEEWAY_SECONDS - 60}, id="expired"),
         pytest.param({"exp": None}, id="no exp"),
-        pytest.param({"nbf": int(time.time()) + JWT_LEEWAY_SECONDS + 60}, id="not yet valid (nbf)"),
+        pytest.param({"nbf": JWT_LEEWAY_SECONDS + 60}, id="not yet valid (nbf)"),
         pytest.param({"iss": "https://other-issuer.example"}, id="another issuer"),
         pytest.param({"iss": None}, id="no iss"),
         pytest.param({"aud": "someone-else"}, id="another audience"),
@@ -412,6 +413,11 @@ async def test_a_key_set_with_one_key_serves_tokens_without_a_kid(jwks: JwksServ
 async def test_a_jwt_with_a_wrong_claim_authenticates_no_one(
     jwks: JwksServer, rsa_key: rsa.RSAPrivateKey, changes: dict[str, Any]
 ) -> None:
+    now = int(time.time())
+    changes = {
+        claim: now + value if claim in {"exp", "nbf"} and value is not None else value
+        for claim, value in changes.items()
+    }
     token = signed(rsa_key, **changes)
     with capture_logs() as logs:
         assert await verify(jwks, token) is None
