@@ -36,6 +36,7 @@ from codomyrmex_sandbox.logs import get_logger
 from codomyrmex_sandbox.principals import Principal
 from codomyrmex_sandbox.settings import Settings
 from codomyrmex_sandbox.tokens import (
+    LOGGER,
     NAME_PATTERN,
     TOKEN_PREFIX,
     TokenFile,
@@ -66,7 +67,6 @@ JWKS_LIFESPAN_SECONDS = 300
 JWKS_REFRESH_SECONDS = 30  # at most one fetch per this long for an unknown kid
 JWKS_TIMEOUT_SECONDS = 5
 MAX_SUB_CHARS = 256
-LOGGER = "codomyrmex_sandbox.auth"
 
 
 class PrincipalToken(AccessToken):

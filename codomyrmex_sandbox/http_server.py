@@ -44,6 +44,7 @@ from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import AnyHttpUrl
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.middleware import Middleware
 from starlette.middleware.authentication import AuthenticationMiddleware
 from starlette.requests import Request
@@ -100,7 +101,11 @@ def public_url(settings: Settings, port: int) -> str:
     """The MCP endpoint's URL as clients reach it (the resource that tokens are for)."""
     if settings.http_public_url is not None:
         return settings.http_public_url
-    host = settings.http_host
+    return local_url(settings.http_host, port)
+
+
+def local_url(host: str, port: int) -> str:
+    """The MCP endpoint at ``host:port`` (an IPv6 address in brackets)."""
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
     return f"http://{host}:{port}{MCP_PATH}"
@@ -223,7 +228,7 @@ class _OriginCheck:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            origin = _header(scope, b"origin")
+            origin = Headers(scope=scope).get("origin")
             if origin is not None and origin not in self.allowed:
                 self.metrics.refused("forbidden_origin")
                 get_logger(LOGGER).info("origin_refused", origin=origin[:200], path=scope.get("path"))
@@ -278,7 +283,7 @@ class _BodyLimit:
         if scope["type"] != "http" or scope["method"] in _BODYLESS:
             await self.app(scope, receive, send)
             return
-        declared = _header(scope, b"content-length")
+        declared = Headers(scope=scope).get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await self._too_large(scope, receive, send)
             return
@@ -303,13 +308,12 @@ class _BodyLimit:
             response.headers["Connection"] = "close"  # a client this slow gets no more time
             await response(scope, receive, send)
             return
-        replayed = False
+        chunks.reverse()
 
-        async def replay() -> Message:
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        async def replay() -> Message:  # the chunks as they came: no copy of the whole body here
+            if chunks:
+                body = chunks.pop()
+                return {"type": "http.request", "body": body, "more_body": bool(chunks)}
             return await receive()
 
         await self.app(scope, replay, send)
@@ -360,13 +364,6 @@ async def _refuse(app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> N
                 break
     if held:
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return str(value.decode("latin-1"))
-    return None
 
 
 # -- serving ------------------------------------------------------------------------------------
@@ -513,7 +510,7 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
                         tg.start_soon(drain)
 
         await tg.start(on_signals)  # before anyone is told where to connect: a stop signal is never missed
-        url = f"http://{_host_for_url(settings.http_host)}:{port}{MCP_PATH}"
+        url = local_url(settings.http_host, port)
         logger.info(
             "http_listening",
             url=url,
@@ -529,10 +526,6 @@ async def serve_http(sandbox: Sandbox, *, on_listening: Callable[[str], Awaitabl
             sock.close()
             tg.cancel_scope.cancel()
     logger.info("http_stopped")
-
-
-def _host_for_url(host: str) -> str:
-    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 def _auth_summary(settings: Settings) -> str:
